@@ -1,0 +1,147 @@
+"""The engine loop every mode shares: admit requests, prefill them, run decode rounds, retire them.
+
+A mode (AR, SD, SSD) only says what one decode round does for the running batch. Requests can
+join and leave between rounds (continuous batching); each running sequence owns one cache row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import torch
+
+from saguaro.engine.sequence import Sequence
+from saguaro.kv_cache import KVCache
+from saguaro.models.transformer import CausalLM
+from saguaro.sampling import sample, target_probs
+
+log = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    pass
+
+
+class Engine:
+    mode = "base"
+
+    def __init__(self, target: CausalLM, stop_token_ids: set[int], max_batch_size: int = 64):
+        self.target = target
+        self.stop_ids = stop_token_ids
+        self.max_batch_size = max_batch_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.cache: KVCache | None = None
+
+    # ------------------------------------------------------------------ requests
+    def check(self, seq: Sequence) -> None:
+        limit = self.target.config.max_position
+        if not seq.prompt_ids:
+            raise ValueError("prompt is empty")
+        need = len(seq.prompt_ids) + seq.params.max_tokens + self.lookahead
+        if len(seq.prompt_ids) >= limit or need > limit:
+            raise ContextLengthError(
+                f"this model's context is {limit} tokens, but the prompt has {len(seq.prompt_ids)} tokens "
+                f"and asks for {seq.params.max_tokens} more"
+            )
+        vocab = self.target.config.vocab_size
+        if max(seq.prompt_ids) >= vocab or min(seq.prompt_ids) < 0:
+            raise ValueError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
+
+    def add(self, seq: Sequence) -> None:
+        self.check(seq)
+        self.waiting.append(seq)
+
+    @property
+    def lookahead(self) -> int:
+        """Tokens a round may write past the committed length (K for speculative modes)."""
+        return 1
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ loop
+    def step(self) -> list[Sequence]:
+        """Admit waiting requests, run one decode round; return the sequences that changed."""
+        admitted = []
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            admitted.append(self.waiting.popleft())
+        touched = list(admitted)
+        if admitted:
+            self.prefill(admitted)
+        if self.running:
+            touched += [s for s in self.running if s not in admitted]
+            self.decode_round()
+        self.retire()
+        return touched
+
+    def run(self, seqs: list[Sequence], progress=None) -> list[Sequence]:
+        for s in seqs:
+            self.add(s)
+        while self.has_work():
+            changed = self.step()
+            if progress is not None:
+                progress(changed)
+        return seqs
+
+    def prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill new sequences as one padded batch, sample each one's first token, join the batch."""
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs])
+        width = int(lengths.max())
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        capacity = max(len(s.prompt_ids) + s.params.max_tokens for s in seqs) + 2 * self.lookahead + 1
+        cache = self.target.new_cache(len(seqs), capacity)
+        logits = self.target(ids.to(self.target.device), cache, logits_at=(lengths - 1)[:, None])[:, 0]
+        cache.lengths[:] = lengths
+        self.on_prefill(seqs, ids, lengths, cache)
+        tokens = sample(target_probs(logits, [s.params for s in seqs]), [s.generator for s in seqs]).tolist()
+        for s, t in zip(seqs, tokens):
+            s.append([t], self.stop_ids)
+        if self.cache is None:
+            self.cache = cache
+        else:
+            self.cache.extend(cache)
+        self.running += seqs
+
+    def retire(self) -> None:
+        """Drop finished sequences' rows from every cache."""
+        keep = [i for i, s in enumerate(self.running) if not s.finished]
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        if keep:
+            self.cache.select_rows(keep)
+        else:
+            self.cache = None
+        self.on_retire(keep)
+
+    # ------------------------------------------------------------------ mode hooks
+    def on_prefill(self, seqs: list[Sequence], ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> None:
+        """New sequences were prefilled on the target (speculative modes prefill their draft here)."""
+
+    def on_retire(self, keep: list[int]) -> None:
+        """Only rows `keep` of the running batch remain."""
+
+    def decode_round(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release helpers (draft workers); the engine may not be used afterwards."""
+
+
+class AREngine(Engine):
+    """Plain autoregressive decoding: one target forward per token."""
+
+    mode = "ar"
+
+    def decode_round(self) -> None:
+        seqs = self.running
+        ids = torch.tensor([[s.last_token] for s in seqs], device=self.target.device)
+        logits = self.target(ids, self.cache)[:, -1]
+        self.cache.lengths += 1
+        tokens = sample(target_probs(logits, [s.params for s in seqs]), [s.generator for s in seqs]).tolist()
+        for s, t in zip(seqs, tokens):
+            s.append([t], self.stop_ids)

@@ -1,0 +1,102 @@
+"""A request's state as it moves through the engine."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from saguaro.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass
+class RoundStats:
+    """What speculative rounds did for one sequence (all zero in AR mode)."""
+
+    rounds: int = 0
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens accepted
+    cache_hits: int = 0
+    cache_lookups: int = 0
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    generator: torch.Generator | None = None
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    stats: RoundStats = field(default_factory=RoundStats)
+
+    def __post_init__(self):
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.output_ids)
+
+    def append(self, tokens: list[int], stop_ids: set[int]) -> list[int]:
+        """Add tokens, stopping at EOS or max_tokens; return the tokens actually kept."""
+        kept = []
+        for t in tokens:
+            kept.append(t)
+            if t in stop_ids and not self.params.ignore_eos:
+                self.finish_reason = "stop"
+                break
+            if len(self.output_ids) + len(kept) >= self.params.max_tokens:
+                self.finish_reason = "length"
+                break
+        self.output_ids.extend(kept)
+        now = time.perf_counter()
+        if self.first_token_at is None and kept:
+            self.first_token_at = now
+        if self.finished:
+            self.finished_at = now
+        return kept
+
+    def metrics(self) -> dict:
+        end = self.finished_at or time.perf_counter()
+        elapsed = end - self.started
+        n = len(self.output_ids)
+        decode_time = end - (self.first_token_at or end)
+        s = self.stats
+        out = {
+            "prompt_tokens": len(self.prompt_ids),
+            "generated_tokens": n,
+            "time_s": elapsed,
+            "ttft_s": (self.first_token_at or end) - self.started,
+            "tokens_per_s": n / elapsed if elapsed > 0 else 0.0,
+            "decode_ms_per_token": 1000 * decode_time / (n - 1) if n > 1 else None,
+        }
+        if s.rounds:
+            out.update(
+                rounds=s.rounds,
+                mean_accepted=s.accepted / s.rounds,
+                acceptance_rate=s.accepted / s.drafted if s.drafted else 0.0,
+                tokens_per_round=n / s.rounds,
+            )
+        if s.cache_lookups:
+            out["cache_hit_rate"] = s.cache_hits / s.cache_lookups
+        return out

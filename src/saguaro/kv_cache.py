@@ -1,0 +1,63 @@
+"""A slot-addressed KV cache.
+
+Each batch row owns `capacity` slots per layer. A token's K/V goes to the slot the caller names;
+for plain decoding the slot is the token's position, so rolling back after a rejection is just
+lowering `lengths` (stale slots beyond a query's position are masked out and later overwritten).
+Draft branches write to slots past the shared prefix and see the prefix through an explicit mask,
+which is how many branches share one prefix without copying it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
+                 capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # committed tokens per row
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow every row to hold at least `needed` slots (amortised doubling)."""
+        if needed <= self.capacity:
+            return
+        new = max(needed, 2 * self.capacity)
+        pad = list(self.k.shape)
+        pad[3] = new - self.capacity
+        self.k = torch.cat([self.k, self.k.new_zeros(pad)], dim=3)
+        self.v = torch.cat([self.v, self.v.new_zeros(pad)], dim=3)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int):
+        """Store k, v ([B, H, T, D]) at `slots` ([B, T]); return this layer's first `span` slots."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer][rows, :, slots] = k.transpose(1, 2)  # advanced indices first: [B, T, H, D]
+        self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+
+    def truncate(self, row: int, length: int) -> None:
+        self.lengths[row] = min(int(self.lengths[row]), length)
+
+    def select_rows(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only these batch rows, in this order (sequences leaving or reordering)."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
+        self.k, self.v, self.lengths = self.k[:, idx], self.v[:, idx], self.lengths[idx]
+
+    def extend(self, other: "KVCache") -> None:
+        """Append another cache's rows after ours (sequences joining a running batch)."""
+        size = max(self.capacity, other.capacity)
+        self.ensure_capacity(size)
+        other.ensure_capacity(size)
+        self.k = torch.cat([self.k[:, :, :, :size], other.k[:, :, :, :size]], dim=1)
+        self.v = torch.cat([self.v[:, :, :, :size], other.v[:, :, :, :size]], dim=1)
+        self.lengths = torch.cat([self.lengths, other.lengths])

@@ -1,0 +1,80 @@
+"""One decoder for the Llama-3 and Qwen3 families (they differ by q/k-norm, head_dim and RoPE scaling)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from saguaro.config import ModelConfig
+from saguaro.kv_cache import KVCache
+from saguaro.models.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.rotary = RotaryEmbedding(config)
+        out_ids = config.output_token_ids
+        self.lm_head = nn.Linear(config.hidden_size, len(out_ids) if out_ids else config.vocab_size, bias=False)
+        if config.tie_embeddings and not out_ids:
+            self.lm_head.weight = self.embed.weight
+        # Target-vocabulary id of each output row; None means the head covers the whole vocabulary.
+        self.register_buffer(
+            "output_token_ids", torch.tensor(out_ids, dtype=torch.long) if out_ids else None, persistent=False
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ):
+        """Run `input_ids` [B, T] against `cache` and return logits [B, T', V_out].
+
+        positions: RoPE position of each token (default: right after each row's committed length).
+        slots: cache slot each token's K/V goes to (default: its position).
+        mask: [B, T, S] bool, which slots each token may attend to (default: causal by position).
+        logits_at: [B, n] indices into T whose logits are wanted (the head is the costly matmul).
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            positions = cache.lengths[:, None] + torch.arange(t, device=input_ids.device)
+        if slots is None:
+            slots = positions
+        span = int(slots.max()) + 1 if mask is None else mask.shape[-1]
+        cache.ensure_capacity(span)
+        if mask is None:
+            mask = torch.arange(span, device=input_ids.device) <= positions[:, :, None]
+        cos, sin = self.rotary(positions, int(positions.max()), self.dtype)
+        mask = mask[:, None]  # broadcast over heads
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, slots, mask)
+        if logits_at is not None:
+            h = torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
+        h = self.norm(h)
+        logits = self.lm_head(h)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return (logits, h) if return_hidden else logits

@@ -74,7 +74,8 @@ def to_internal_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> 
         except KeyError:
             raise CheckpointError(f"checkpoint lacks tensor {name!r}") from None
 
-    out["embed.weight"] = take("model.embed_tokens.weight")
+    if "model.embed_tokens.weight" in hf:  # absent from drafts that borrow the target's embeddings
+        out["embed.weight"] = take("model.embed_tokens.weight")
     out["norm.weight"] = take("model.norm.weight")
     if "lm_head.weight" in hf:
         out["lm_head.weight"] = take("lm_head.weight")
@@ -102,12 +103,24 @@ def to_internal_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> 
     return out
 
 
-def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CausalLM:
-    config = ModelConfig.from_hf(read_hf_config(path))
+def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                embeddings_from: CausalLM | None = None) -> CausalLM:
+    hf_config = read_hf_config(path)
+    try:
+        config = ModelConfig.from_hf(hf_config)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: config.json lacks {e}") from None
     weights = to_internal_state_dict(read_safetensors(path), config)
     with torch.device("meta"):
         model = CausalLM(config)
     model.load_state_dict(weights, strict=False, assign=True)
+    if "embed.weight" not in weights:
+        if embeddings_from is None or not hf_config.get("saguaro_embeddings_from_target"):
+            raise CheckpointError(f"{path}: checkpoint lacks model.embed_tokens.weight")
+        if embeddings_from.embed.weight.shape != model.embed.weight.shape:
+            raise CheckpointError(f"{path}: its embeddings must come from a target of width "
+                                  f"{config.hidden_size} and vocabulary {config.vocab_size}")
+        model.embed.weight = embeddings_from.embed.weight
     if config.tie_embeddings and not config.output_token_ids:
         model.lm_head.weight = model.embed.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -116,7 +129,10 @@ def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, device: str = "c
     model.rotary.inv_freq = rope_inv_freq(config)  # buffers built on the meta device hold no values
     if model.output_token_ids is not None:
         model.output_token_ids = torch.tensor(config.output_token_ids, dtype=torch.long)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if embeddings_from is not None and "embed.weight" not in weights:
+        model.embed.weight = embeddings_from.embed.weight  # share storage, whatever `to` did
+    return model
 
 
 # ----------------------------------------------------------------------------- GGUF files
@@ -241,5 +257,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CausalLM:
-    return load_hf_dir(resolve_checkpoint(path), dtype=dtype, device=device)
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               embeddings_from: CausalLM | None = None) -> CausalLM:
+    """Load a checkpoint; a draft that borrows its target's embeddings takes them from `embeddings_from`."""
+    return load_hf_dir(resolve_checkpoint(path), dtype=dtype, device=device, embeddings_from=embeddings_from)

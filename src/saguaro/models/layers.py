@@ -19,8 +19,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(var + self.eps))
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -98,8 +97,11 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        keys, values = cache.write(self.layer_index, slots, k, v, mask.shape[-1])
-        out = sdpa(q, keys, values, mask)
+        if cache is None:  # training: the whole sequence at once, causal
+            out = sdpa(q, k, v, mask)
+        else:
+            keys, values = cache.write(self.layer_index, slots, k, v, mask.shape[-1])
+            out = sdpa(q, keys, values, mask)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
 

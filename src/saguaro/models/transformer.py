@@ -78,3 +78,14 @@ class CausalLM(nn.Module):
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         return (logits, h) if return_hidden else logits
+
+    def forward_train(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for every position of right-padded input_ids [B, T], with autograd and no cache."""
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        cos, sin = self.rotary(positions, t - 1, self.dtype)
+        mask = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, None, None, mask)
+        return self.lm_head(self.norm(h))

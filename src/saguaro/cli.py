@@ -1,0 +1,149 @@
+"""The `saguaro` command line: generate, distill (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("saguaro")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["ar", "sd", "ssd"], default="ar", help="decoding mode (default: ar)")
+    p.add_argument("--target", help="target checkpoint: HF directory or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--draft", help="draft checkpoint, or 'ngram' (default: the embedded distilled draft)")
+    p.add_argument("--k", type=_positive_int, default=4, help="draft tokens per round (default: 4)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=_positive_int, help="torch threads for the target")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+
+
+def sampling_params(args):
+    from saguaro.sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def make_llm(args):
+    from saguaro.llm import LLM
+
+    return LLM(args.target, mode=args.mode, draft=args.draft, k=args.k, dtype=args.dtype,
+               device=args.device, threads=args.threads)
+
+
+def cmd_generate(args) -> None:
+    if not args.prompts:
+        raise UsageError("no prompts given")
+    if any(not p for p in args.prompts):
+        raise UsageError("a prompt is empty")
+    params = sampling_params(args)
+    with make_llm(args) as llm:
+        outputs = llm.generate(args.prompts, params, chat=args.chat)
+    for out in outputs:
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": out.outputs[0].finish_reason, "metrics": out.metrics}))
+        else:
+            m = out.metrics
+            print(out.text)
+            print(f"[{m['generated_tokens']} tokens in {m['time_s']:.2f}s, {m['tokens_per_s']:.1f} tokens/s, "
+                  f"mode {m['mode']}]", file=sys.stderr)
+
+
+def cmd_distill(args) -> None:
+    from saguaro.distill.run import DistillOptions, run_distill
+    from saguaro.embedded import embedded_target_path
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    opts = DistillOptions(
+        target=args.target or str(embedded_target_path()), out=Path(args.out),
+        data=args.data.split(","), tokens=args.tokens, seed=args.seed,
+        layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+        head_vocab=args.head_vocab, phase=args.phase,
+        work_dir=Path(args.work_dir) if args.work_dir else None, lr=args.lr,
+    )
+    report = run_distill(opts)
+    if report:
+        print(json.dumps(report, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saguaro", description="Exact speculative (and SSD) decoding.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete prompts")
+    add_model_args(g)
+    add_sampling_args(g)
+    g.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    g.add_argument("prompts", nargs="*", metavar="PROMPT")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("distill", help="distill a small draft model from a target")
+    d.add_argument("--target", help="target checkpoint (default: embedded SmolLM2-135M)")
+    d.add_argument("--out", required=True, help="directory for the draft checkpoint")
+    d.add_argument("--data", default="sharegpt,humaneval", help="prompt sets for teacher data")
+    d.add_argument("--tokens", type=_positive_int, default=20_000_000, help="training tokens to reach")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--layers", help="target layers to initialise the draft from, e.g. 0,1")
+    d.add_argument("--head-vocab", type=_positive_int, default=8192, help="draft output vocabulary size")
+    d.add_argument("--phase", choices=["all", "teacher", "train", "eval"], default="all")
+    d.add_argument("--work-dir", help="teacher data and training state (default: under ~/.cache/saguaro)")
+    d.add_argument("--lr", type=float, default=5e-4)
+    d.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default: 1)")
+    d.set_defaults(func=cmd_distill)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from saguaro.engine.base import ContextLengthError
+    from saguaro.loader import CheckpointError
+
+    try:
+        args.func(args)
+    except (UsageError, CheckpointError, ContextLengthError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"saguaro: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Building, saving and loading a small Llama-architecture draft for a given target.
+
+The draft has the target's width, a few layers initialised from chosen target layers, and an
+output head over only the most frequent tokens. Its input embeddings are the target's own
+(borrowed at load time, so they are not stored twice); its config says so.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from saguaro.models.transformer import CausalLM
+from saguaro.prompts import _sharegpt_conversations, humaneval_prompts
+from saguaro.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_KEY = "saguaro_embeddings_from_target"
+
+
+def frequent_tokens(tokenizer: Tokenizer, size: int, conversations: int = 3000) -> list[int]:
+    """The `size` most frequent token ids in ShareGPT train text and HumanEval train prompts, stop tokens first."""
+    counts: collections.Counter[int] = collections.Counter()
+    for i, conv in enumerate(_sharegpt_conversations()[:conversations]):
+        if i % 100 == 0:  # held-out conversations (see prompts.py) stay unseen
+            continue
+        for turn in conv:
+            counts.update(tokenizer.encode(turn.get("value", "")))
+    for p in humaneval_prompts("train"):
+        counts.update(tokenizer.encode(p))
+    ids = sorted(tokenizer.stop_token_ids)
+    for t, _ in counts.most_common():
+        if len(ids) >= size:
+            break
+        if t not in tokenizer.stop_token_ids:
+            ids.append(t)
+    return ids
+
+
+def build_draft(target: CausalLM, init_layers: list[int], output_ids: list[int]) -> CausalLM:
+    """A draft of len(init_layers) layers copied from the target, head = target embedding rows."""
+    config = replace(target.config, num_layers=len(init_layers), output_token_ids=list(output_ids),
+                     tie_embeddings=False)
+    draft = CausalLM(config).to(target.dtype)
+    with torch.no_grad():
+        for i, src in enumerate(init_layers):
+            draft.layers[i].load_state_dict(target.layers[src].state_dict())
+        draft.norm.weight.copy_(target.norm.weight)
+        head_src = target.lm_head.weight
+        draft.lm_head.weight.copy_(head_src[torch.tensor(output_ids)])
+    share_embeddings(draft, target)
+    return draft
+
+
+def share_embeddings(draft: CausalLM, target: CausalLM) -> None:
+    draft.embed.weight = target.embed.weight  # borrowed, frozen
+
+
+def save_draft(draft: CausalLM, out_dir: Path, extra: dict | None = None, dtype=torch.bfloat16) -> None:
+    """Write config.json + model.safetensors (HF names, without the borrowed embeddings)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = draft.config.to_hf()
+    cfg[EMBEDDINGS_KEY] = True
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    cfg.update(extra or {})
+    tensors = {"model.norm.weight": draft.norm.weight, "lm_head.weight": draft.lm_head.weight}
+    c = draft.config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    for i, layer in enumerate(draft.layers):
+        p = f"model.layers.{i}."
+        wq, wk, wv = layer.attn.qkv.weight.split([q, kv, kv])
+        gate, up = layer.mlp.gate_up.weight.split(c.intermediate_size)
+        tensors.update({
+            p + "input_layernorm.weight": layer.attn_norm.weight,
+            p + "post_attention_layernorm.weight": layer.mlp_norm.weight,
+            p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
+            p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": layer.attn.o.weight,
+            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": layer.mlp.down.weight,
+        })
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.rename(out_dir / "model.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))

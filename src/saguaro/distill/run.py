@@ -1,0 +1,143 @@
+"""`saguaro distill`: teacher data, training and evaluation of a draft, resumable at every stage.
+
+Phases (`--phase`): `teacher` writes target continuations as shards, `train` trains on whatever
+shards exist (waiting for more), `eval` reports agreement of the draft in --out, `all` alternates
+teacher and training in one process. Running `teacher` and `train` as two processes uses two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from saguaro.distill import draft as draft_lib
+from saguaro.distill.evaluate import agreement_report
+from saguaro.distill.teacher import generate_shard, read_shard, shard_paths, train_prompts, write_shard
+from saguaro.distill.train import Trainer
+from saguaro.loader import cache_root, load_model, resolve_checkpoint
+from saguaro.prompts import load_prompts
+from saguaro.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillOptions:
+    target: str
+    out: Path
+    data: list[str]
+    tokens: int
+    seed: int = 0
+    layers: list[int] | None = None
+    head_vocab: int = 8192
+    phase: str = "all"
+    work_dir: Path | None = None
+    shard_prompts: int = 64
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 256
+    greedy_fraction: float = 0.6
+    lr: float = 5e-4
+    batch_size: int = 8
+    eval_every: int = 200
+
+
+def _work_dir(opts: DistillOptions) -> Path:
+    return opts.work_dir or cache_root() / "distill" / Path(resolve_checkpoint(opts.target)).name
+
+
+def run_teacher(opts, target, tokenizer, data_dir: Path, max_shards: int | None = None) -> None:
+    prompts = train_prompts(tokenizer, opts.data, opts.seed, opts.max_prompt_tokens)
+    per = opts.shard_prompts
+    total = len(prompts) // per
+    done = len(shard_paths(data_dir))
+    for index in tqdm(range(done, total if max_shards is None else min(total, done + max_shards)),
+                      desc="teacher shards", initial=done, total=total, disable=max_shards is not None):
+        g = torch.Generator().manual_seed(opts.seed * 7919 + index)
+        temperature = 0.0 if torch.rand(1, generator=g).item() < opts.greedy_fraction else 0.8
+        t0 = time.monotonic()
+        shard = generate_shard(target, prompts[index * per : (index + 1) * per], opts.max_new_tokens,
+                               tokenizer.stop_token_ids, temperature, g)
+        write_shard(data_dir, index, shard)
+        new = int((shard["ends"] - shard["prompt_lengths"]).sum())
+        log.info("shard %d: %d new tokens at T=%.1f in %.0fs", index, new, temperature, time.monotonic() - t0)
+
+
+def eval_shards(opts, target, tokenizer, data_dir: Path) -> dict[str, dict]:
+    """Greedy target continuations of held-out prompts, generated once and cached."""
+    out = {}
+    for dataset in ("humaneval", "sharegpt"):
+        path = data_dir / f"eval-{dataset}.safetensors"
+        if not path.is_file():
+            texts = load_prompts(dataset, "eval")[:32]
+            prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+            prompts = [p for p in prompts if len(p) <= opts.max_prompt_tokens]
+            shard = generate_shard(target, prompts, 128, tokenizer.stop_token_ids, 0.0, torch.Generator())
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in shard.items()}, str(path))
+        out[dataset] = read_shard(path)
+    return out
+
+
+def evaluate(draft, shards: dict[str, dict]) -> dict[str, dict]:
+    draft.eval()
+    return {name: agreement_report(draft, shard) for name, shard in shards.items()}
+
+
+def make_draft(opts, target, tokenizer, state_dir: Path):
+    vocab_file = state_dir / "output_vocab.json"
+    if vocab_file.is_file():
+        output_ids = json.loads(vocab_file.read_text())
+    else:
+        output_ids = draft_lib.frequent_tokens(tokenizer, opts.head_vocab)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        vocab_file.write_text(json.dumps(output_ids))
+    layers = opts.layers or [0, 1]  # first layers: the best agreement at init (measured, see docs)
+    return draft_lib.build_draft(target, layers, output_ids)
+
+
+def run_distill(opts: DistillOptions) -> dict:
+    work = _work_dir(opts)
+    data_dir, state_dir = work / "teacher", work / "state"
+    target = load_model(opts.target)
+    tokenizer = Tokenizer.load(resolve_checkpoint(opts.target), target.config.eos_token_ids)
+    if opts.phase == "teacher":
+        run_teacher(opts, target, tokenizer, data_dir)
+        return {}
+    evals = eval_shards(opts, target, tokenizer, data_dir)
+    if opts.phase == "eval":
+        draft = load_model(opts.out, embeddings_from=target)
+        report = evaluate(draft, evals)
+        log.info("eval: %s", report)
+        return report
+    draft = make_draft(opts, target, tokenizer, state_dir)
+    trainer = Trainer(draft, data_dir, state_dir, opts.seed, lr=opts.lr, batch_size=opts.batch_size)
+    if trainer.load_state():
+        log.info("resumed at step %d (%d tokens)", trainer.step, trainer.tokens_seen)
+    bar = tqdm(total=opts.tokens, initial=trainer.tokens_seen, unit="tok", desc="distill")
+    report: dict = {}
+
+    def on_step(tr: Trainer, loss: float) -> None:
+        nonlocal report
+        bar.update(tr.tokens_seen - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}", step=tr.step)
+        if tr.step % opts.eval_every == 0:
+            report = evaluate(tr.draft, evals)
+            log.info("step %d tokens %d loss %.3f eval %s", tr.step, tr.tokens_seen, loss, report)
+            draft_lib.save_draft(tr.draft, opts.out, {"saguaro_distill": {
+                "step": tr.step, "tokens_seen": tr.tokens_seen, "seed": opts.seed, "eval": report}})
+        if opts.phase == "all" and tr.step % 50 == 0:
+            run_teacher(opts, target, tokenizer, data_dir, max_shards=1)
+
+    if opts.phase == "all" and not shard_paths(data_dir):
+        run_teacher(opts, target, tokenizer, data_dir, max_shards=1)
+    trainer.run(opts.tokens, on_step=on_step)
+    report = evaluate(trainer.draft, evals)
+    draft_lib.save_draft(trainer.draft, opts.out, {"saguaro_distill": {
+        "step": trainer.step, "tokens_seen": trainer.tokens_seen, "seed": opts.seed, "eval": report}})
+    return report

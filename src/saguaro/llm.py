@@ -1,0 +1,133 @@
+"""The Python API, in the style of vLLM: `LLM(...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from saguaro.embedded import embedded_draft_path, embedded_target_path
+from saguaro.engine.base import AREngine, Engine
+from saguaro.engine.sequence import Sequence
+from saguaro.loader import load_model, resolve_checkpoint
+from saguaro.sampling import SamplingParams
+from saguaro.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MODES = ("ar", "sd", "ssd")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CompletionOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+
+class LLM:
+    """Load a target (default: the embedded SmolLM2-135M-Instruct) and, for speculative modes, a draft.
+
+    draft: a checkpoint path, "ngram" for the model-free prompt-lookup speculator, or None for the
+    embedded distilled draft.
+    """
+
+    def __init__(self, model: str | Path | None = None, mode: str = "ar", draft: str | Path | None = None,
+                 k: int = 4, dtype: str = "float32", device: str = "cpu", threads: int | None = None,
+                 max_batch_size: int = 64, **engine_options):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.mode = mode
+        target_path = Path(model) if model is not None else embedded_target_path()
+        self.target = load_model(target_path, dtype=DTYPES[dtype], device=device)
+        self.tokenizer = Tokenizer.load(resolve_checkpoint(target_path), self.target.config.eos_token_ids)
+        self.engine = self._make_engine(mode, draft, k, max_batch_size, engine_options)
+
+    def _make_engine(self, mode, draft, k, max_batch_size, options) -> Engine:
+        stop = self.tokenizer.stop_token_ids
+        if mode == "ar":
+            return AREngine(self.target, stop, max_batch_size=max_batch_size)
+        from saguaro.engine.speculative import make_speculative_engine
+
+        return make_speculative_engine(mode, self.target, self.tokenizer, draft, k, stop, max_batch_size,
+                                       default_draft=embedded_draft_path(), **options)
+
+    # ------------------------------------------------------------------ prompts
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if chat:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 chat: bool = False, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for one prompt or a list (strings or token-id lists), batched together."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        seqs = [Sequence(self.encode(p, chat), sp) for p, sp in zip(prompts, params)]
+        for s in seqs:
+            self.engine.check(s)
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(seqs), desc="requests")
+            progress = lambda changed: bar.update(sum(s.finished for s in seqs) - bar.n)  # noqa: E731
+        self.engine.run(seqs, progress)
+        return [self._output(p, s) for p, s in zip(prompts, seqs)]
+
+    def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        seq = Sequence(self.tokenizer.encode_chat(messages), sampling_params or SamplingParams())
+        self.engine.run([seq])
+        return self._output(None, seq)
+
+    def _output(self, prompt, seq: Sequence) -> RequestOutput:
+        text = self.tokenizer.decode(seq.output_ids)
+        for stop in seq.params.stop:  # stop strings end the text where they first appear
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        completion = CompletionOutput(text, list(seq.output_ids), seq.finish_reason)
+        metrics = dict(seq.metrics(), mode=self.mode)
+        return RequestOutput(prompt if isinstance(prompt, str) else None, seq.prompt_ids, [completion], metrics)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,56 @@
+"""The command line: the JSON contract and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from saguaro.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json_on_embedded(capsys, embedded):
+    code, out, err = run_cli(capsys, "generate", "--json", "--max-tokens", "6", "--ignore-eos", "def add(a, b):",
+                             "Hello")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert len(row["token_ids"]) == 6 and isinstance(row["text"], str)
+        assert row["metrics"]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-0.5", "x"], "temperature"),
+    (["--top-p", "0", "x"], "top_p"),
+    (["--top-p", "1.5", "x"], "top_p"),
+    (["--max-tokens", "0", "x"], "max_tokens"),
+    ([], "no prompts"),
+    ([""], "empty"),
+    (["--target", "/definitely/not/here", "x"], "no such file"),
+])
+def test_bad_input_is_one_line_error(capsys, args, message):
+    code, _, err = run_cli(capsys, "generate", *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_prompt_longer_than_context(capsys, embedded):
+    long_prompt = "word " * 9000
+    code, _, err = run_cli(capsys, "generate", long_prompt)
+    assert code == 2 and "context" in err and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_from_a_real_process(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)
+    proc = subprocess.run([sys.executable, "-m", "saguaro.cli", "generate", "--target", str(tmp_path), "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("saguaro: error:") and "Traceback" not in proc.stderr

@@ -26,7 +26,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["ar", "sd", "ssd"], default="ar", help="decoding mode (default: ar)")
+    p.add_argument("--mode", choices=["ar", "sd"], default="ar", help="decoding mode (default: ar)")
     p.add_argument("--target", help="target checkpoint: HF directory or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--draft", help="draft checkpoint, or 'ngram' (default: the embedded distilled draft)")
     p.add_argument("--k", type=_positive_int, default=4, help="draft tokens per round (default: 4)")

@@ -17,7 +17,7 @@ from saguaro.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "sd", "ssd")
+MODES = ("ar", "sd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -45,28 +45,31 @@ def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     logits = logits.double() if logits.dtype == torch.float64 else logits.float()
     shape = logits.shape
     flat = logits.reshape(shape[0], -1, shape[-1])
-    out = torch.empty_like(flat)
-    for i, p in enumerate(params):
-        row = flat[i]
-        if p.greedy:
-            out[i] = torch.zeros_like(row).scatter_(-1, row.argmax(-1, keepdim=True), 1.0)
-            continue
-        row = row / p.temperature
-        if p.top_k > 0 and p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k, dim=-1).values[..., -1:]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            probs = _top_p(probs, p.top_p)
-        out[i] = probs
-    return out.reshape(shape)
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], dtype=flat.dtype,
+                         device=logits.device)
+    scaled = flat / temps[:, None, None]
+    top_k = [p.top_k if 0 < p.top_k < shape[-1] else 0 for p in params]
+    if any(top_k):
+        k = torch.tensor([t or shape[-1] for t in top_k], device=logits.device)
+        kth = scaled.sort(-1, descending=True).values.gather(-1, (k - 1)[:, None, None].expand(-1, flat.shape[1], 1))
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, -1)
+    top_p = torch.tensor([p.top_p for p in params], dtype=flat.dtype, device=logits.device)
+    if bool((top_p < 1).any()):
+        probs = _top_p(probs, top_p[:, None, None])
+    if bool(greedy.any()):
+        one_hot = torch.zeros_like(flat).scatter_(-1, flat.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None, None], one_hot, probs)
+    return probs.reshape(shape)
 
 
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
     sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the top token is always kept
     kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    kept = torch.where(top_p >= 1, probs, kept)  # rows without a nucleus cut stay as they were
     return kept / kept.sum(-1, keepdim=True)
 
 
@@ -78,12 +81,13 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
     """
     if all(g is None for g in generators) and bool((probs.amax(-1) == 1.0).all()):
         return probs.argmax(-1)  # all rows one-hot (greedy): skip the noise
-    noise = torch.empty_like(probs)
+    noise = torch.empty_like(probs).exponential_()
     for i, g in enumerate(generators):
-        noise[i].exponential_(generator=g)
+        if g is not None:
+            noise[i].exponential_(generator=g)
     return (probs / noise).argmax(-1)
 
 
 def uniform(n: int, generators: list[torch.Generator | None], device="cpu") -> torch.Tensor:
-    """One U[0, 1) draw per row, from each row's own generator."""
-    return torch.cat([torch.rand(1, generator=g, device=device, dtype=torch.float64) for g in generators[:n]])
+    """[len(generators), n] draws from U[0, 1), row i from generators[i]."""
+    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64, device=device) for g in generators])

@@ -70,8 +70,10 @@ class Engine:
         touched = list(admitted)
         if admitted:
             self.prefill(admitted)
+            self.retire()  # some finish on their first token
         if self.running:
-            touched += [s for s in self.running if s not in admitted]
+            new = set(map(id, admitted))
+            touched += [s for s in self.running if id(s) not in new]
             self.decode_round()
         self.retire()
         return touched

@@ -22,9 +22,11 @@ class RoundStats:
     accepted: int = 0  # draft tokens accepted
     cache_hits: int = 0
     cache_lookups: int = 0
+    draft_s: float = 0.0  # time in rounds this sequence took part in
+    verify_s: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: identity, not field-by-field equality
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
@@ -95,7 +97,9 @@ class Sequence:
                 rounds=s.rounds,
                 mean_accepted=s.accepted / s.rounds,
                 acceptance_rate=s.accepted / s.drafted if s.drafted else 0.0,
-                tokens_per_round=n / s.rounds,
+                tokens_per_round=(n - 1) / s.rounds,  # the first token comes from prefill
+                draft_s=s.draft_s,
+                verify_s=s.verify_s,
             )
         if s.cache_lookups:
             out["cache_hit_rate"] = s.cache_hits / s.cache_lookups

@@ -1,0 +1,119 @@
+"""Speculators propose K tokens per running sequence, and the distribution q they drew them from.
+
+Rows follow the engine's running batch: `prefill` appends rows, `retire` keeps some, `commit`
+tells each row how many of its proposed tokens the target accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saguaro.engine.sequence import Sequence
+from saguaro.models.transformer import CausalLM
+from saguaro.sampling import sample, target_probs
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [B, K]
+    q: torch.Tensor | None  # [B, K, V] over the target's vocabulary; None = deterministic (one-hot)
+
+
+class Speculator:
+    def prefill(self, seqs: list[Sequence], ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        """New sequences (prompts in `ids`, right-padded) join the batch as rows at the end."""
+
+    def propose(self, seqs: list[Sequence], k: int) -> Proposal:
+        raise NotImplementedError
+
+    def commit(self, accepted: list[int]) -> None:
+        """Row i's first accepted[i] proposed tokens were kept (then the target emitted one of its own)."""
+
+    def retire(self, keep: list[int]) -> None:
+        """Only rows `keep` remain, in this order."""
+
+
+class NgramSpeculator(Speculator):
+    """Prompt lookup: continue the latest earlier occurrence of the sequence's last n tokens.
+
+    Deterministic, so q is one-hot on each proposal; any proposal is exact to verify, a good one is
+    just accepted more often. Without a match it proposes repeats of the last token.
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def lookup(self, ids: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
+            suffix = ids[-n:]
+            for start in range(len(ids) - n - 1, -1, -1):  # latest occurrence first
+                if ids[start : start + n] == suffix:
+                    follow = ids[start + n : start + n + k]
+                    return follow + [follow[-1]] * (k - len(follow))
+        return [ids[-1]] * k
+
+    def propose(self, seqs: list[Sequence], k: int) -> Proposal:
+        return Proposal(torch.tensor([self.lookup(s.all_ids, k) for s in seqs]), None)
+
+
+class NeuralSpeculator(Speculator):
+    """A small draft model with its own KV cache, drafting K tokens autoregressively.
+
+    The draft cache's `lengths` count the sequence tokens it holds; after a round it also holds
+    proposals 1..K-1, of which `commit` keeps the accepted ones.
+    """
+
+    def __init__(self, draft: CausalLM, target_vocab: int):
+        self.draft = draft
+        self.target_vocab = target_vocab
+        self.cache = None
+        self._k = 0
+
+    def prefill(self, seqs, ids, lengths) -> None:
+        cache = self.draft.new_cache(len(seqs), int(lengths.max()) + 64)
+        self.draft(ids.to(self.draft.device), cache, logits_at=(lengths - 1)[:, None])
+        cache.lengths[:] = lengths
+        if self.cache is None:
+            self.cache = cache
+        else:
+            self.cache.extend(cache)
+
+    def draft_distribution(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """q over the target's vocabulary (zero outside a reduced draft head), under each row's params."""
+        if self.draft.output_token_ids is not None:
+            full = logits.new_full((logits.shape[0], self.target_vocab), float("-inf"))
+            logits = full.index_copy_(1, self.draft.output_token_ids, logits)
+        elif logits.shape[-1] < self.target_vocab:
+            logits = torch.nn.functional.pad(logits, (0, self.target_vocab - logits.shape[-1]), value=float("-inf"))
+        return target_probs(logits, [s.params for s in seqs])
+
+    def propose(self, seqs: list[Sequence], k: int) -> Proposal:
+        # Feed what the draft has not seen: the target's last token, plus the last accepted draft
+        # token when every proposal was accepted (1 or 2 tokens; right-padded to a common width).
+        pending = [s.all_ids[n:] for s, n in zip(seqs, self.cache.lengths.tolist())]
+        ids = torch.zeros(len(seqs), max(len(p) for p in pending), dtype=torch.long)
+        for i, p in enumerate(pending):
+            ids[i, : len(p)] = torch.tensor(p)
+        counts = torch.tensor([len(p) for p in pending], device=self.cache.lengths.device)
+        logits = self.draft(ids.to(self.draft.device), self.cache, logits_at=(counts - 1)[:, None])[:, 0]
+        self.cache.lengths += counts
+        tokens, qs = [], []
+        generators = [s.generator for s in seqs]
+        for step in range(k):
+            q = self.draft_distribution(logits, seqs)
+            tokens.append(sample(q, generators))
+            qs.append(q)
+            if step < k - 1:
+                logits = self.draft(tokens[-1][:, None], self.cache)[:, -1]
+                self.cache.lengths += 1
+        self._k = k
+        return Proposal(torch.stack(tokens, 1), torch.stack(qs, 1))
+
+    def commit(self, accepted: list[int]) -> None:
+        extra = torch.tensor([min(a, self._k - 1) for a in accepted], device=self.cache.lengths.device)
+        self.cache.lengths += extra - (self._k - 1)
+
+    def retire(self, keep: list[int]) -> None:
+        self.cache.select_rows(keep)

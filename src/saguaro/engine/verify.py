@@ -1,0 +1,42 @@
+"""Verification of a speculation: the rule that makes speculative decoding exact.
+
+For each row: accept draft token s_i with probability min(1, p_i(s_i) / q_i(s_i)); at the first
+rejection emit a token from normalize(max(0, p_i - q_i)); if all K are accepted emit a bonus token
+from p_{K+1}. Greedy rows arrive with p one-hot on the target's argmax, which turns the same rule
+into "accept while the draft matches the argmax, then emit the argmax".
+
+q is whatever distribution the draft actually sampled from (a modified one under Saguaro
+sampling, zero outside a draft's reduced vocabulary); q=None means deterministic proposals
+(n-gram), i.e. q one-hot on the proposed token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saguaro.sampling import sample, uniform
+
+
+def verify(draft_tokens: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor,
+           generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """draft_tokens [B, K], q [B, K, V] or None, p [B, K+1, V] -> (accepted [B], emitted token [B])."""
+    b, k = draft_tokens.shape
+    rows = torch.arange(b, device=p.device)
+    p_draft = p[:, :k].gather(-1, draft_tokens[..., None])[..., 0]
+    q_draft = torch.ones_like(p_draft) if q is None else q.gather(-1, draft_tokens[..., None])[..., 0]
+    u = uniform(k, generators, p.device).to(p.dtype)
+    accept = u * q_draft < p_draft  # u < p/q without dividing by q
+    accepted = accept.int().cumprod(-1).sum(-1)  # length of the accepted prefix
+    at = accepted.clamp(max=k - 1)
+    rejected = accepted < k
+    p_next = p[rows, accepted]  # p_{n+1}: the residual's p on rejection, the bonus distribution otherwise
+    if q is None:
+        q_next = torch.zeros_like(p_next).scatter_(-1, draft_tokens[rows, at][:, None], 1.0)
+    else:
+        q_next = q[rows, at]
+    residual = (p_next - q_next).clamp_min(0.0)
+    mass = residual.sum(-1, keepdim=True)
+    # p == q at a rejected position can only come from rounding; fall back to p there
+    residual = torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(p.dtype).tiny), p_next)
+    dist = torch.where(rejected[:, None], residual, p_next)
+    return accepted, sample(dist, generators)

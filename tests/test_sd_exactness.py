@@ -1,0 +1,165 @@
+"""Greedy SD is token-identical to AR; sampled SD follows the target's distribution exactly."""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from saguaro.engine import speculative
+from saguaro.engine.base import AREngine
+from saguaro.engine.sequence import Sequence
+from saguaro.engine.speculative import SDEngine
+from saguaro.engine.speculators import NeuralSpeculator, NgramSpeculator
+from saguaro.sampling import SamplingParams, sample
+from tests.tiny import perturbed, tiny_model
+
+VOCAB = 32
+STOP = {VOCAB - 1}
+
+
+def prompts(seed: int, batch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(batch):
+        n = 3 + int(torch.randint(0, 9, (1,), generator=g))
+        body = torch.randint(0, VOCAB - 1, (n,), generator=g).tolist()
+        out.append(body + body[: n // 2])  # some repetition for the n-gram speculator
+    return out
+
+
+def run(engine, prompt_ids, params):
+    seqs = [Sequence(p, params) for p in prompt_ids]
+    engine.run(seqs)
+    return [s.output_ids for s in seqs], seqs
+
+
+def speculator(kind: str, target, seed: int):
+    if kind == "ngram":
+        return NgramSpeculator()
+    draft = perturbed(target, seed, 0.05) if kind == "close" else tiny_model(seed + 100, VOCAB)
+    return NeuralSpeculator(draft, VOCAB)
+
+
+@pytest.mark.parametrize("kind", ["close", "random", "ngram"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_sd_equals_ar(kind, batch):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    accepted_total = 0
+    for seed, k in itertools.product(range(3), range(1, 9)):
+        target = tiny_model(seed, VOCAB)
+        ps = prompts(seed * 10 + k, batch)
+        want, _ = run(AREngine(target, STOP), ps, params)
+        got, seqs = run(SDEngine(target, speculator(kind, target, seed), k, STOP), ps, params)
+        assert got == want, (kind, seed, k)
+        accepted_total += sum(s.stats.accepted for s in seqs)
+    assert accepted_total > 0  # the speculative path was really exercised
+
+
+def test_sd_handles_eos_inside_accepted_run_and_max_tokens():
+    target = tiny_model(5, VOCAB)
+    ps = prompts(5, 4)
+    free, _ = run(AREngine(target, set()), ps, SamplingParams(temperature=0, max_tokens=30))
+    stop = {free[0][7]}  # a token the first sequence emits mid-way becomes EOS
+    for max_tokens in (1, 2, 5, 13):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        want, _ = run(AREngine(target, stop), ps, params)
+        got, seqs = run(SDEngine(target, NeuralSpeculator(perturbed(target, 1, 0.02), VOCAB), 6, stop), ps, params)
+        assert got == want
+        assert all(len(g) <= max_tokens for g in got)
+
+
+def test_draft_with_reduced_output_vocabulary():
+    """A draft that can only emit some tokens (q = 0 elsewhere) is still exact."""
+    target = tiny_model(7, VOCAB)
+    keep = list(range(0, VOCAB, 2)) + [1, 3, 5]
+    draft = tiny_model(8, VOCAB, output_token_ids=keep)
+    params = SamplingParams(temperature=0, max_tokens=20)
+    ps = prompts(3, 4)
+    want, _ = run(AREngine(target, STOP), ps, params)
+    got, _ = run(SDEngine(target, NeuralSpeculator(draft, VOCAB), 3, STOP), ps, params)
+    assert got == want
+
+
+# --------------------------------------------------------------------------- statistical exactness
+
+SMALL_VOCAB = 12
+N_SAMPLES = 12_000
+
+
+def exact_joint(target, prompt, temperature, n=3):
+    """P(first n generated tokens) under the target, by enumeration."""
+    params = SamplingParams(temperature=temperature)
+    from saguaro.sampling import target_probs
+
+    probs = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        for prefix, pr in probs.items():
+            ids = torch.tensor([prompt + list(prefix)])
+            dist = target_probs(target(ids, target.new_cache(1))[:, -1], [params])[0]
+            for t in range(SMALL_VOCAB):
+                nxt[prefix + (t,)] = pr * float(dist[t])
+        probs = nxt
+    return probs
+
+
+def sd_samples(target, spec, prompt, temperature, k):
+    seqs = [Sequence(list(prompt), SamplingParams(temperature=temperature, max_tokens=3, seed=i))
+            for i in range(N_SAMPLES)]
+    SDEngine(target, spec, k, set(), max_batch_size=N_SAMPLES).run(seqs)
+    return [tuple(s.output_ids) for s in seqs]
+
+
+def chi2_pvalue(samples, probs):
+    cells = sorted(probs, key=probs.get, reverse=True)
+    expected, observed = [], []
+    counts = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    rest_e = rest_o = 0.0
+    for c in cells:  # pool cells too rare for the chi-square approximation
+        e = probs[c] * len(samples)
+        if e >= 5:
+            expected.append(e)
+            observed.append(counts.get(c, 0))
+        else:
+            rest_e += e
+            rest_o += counts.get(c, 0)
+    expected.append(rest_e)
+    observed.append(rest_o)
+    return chisquare(observed, expected).pvalue
+
+
+def statistical_setup(kind):
+    target = tiny_model(11, SMALL_VOCAB, scale=0.6)
+    prompt = [1, 4, 2, 1, 4]
+    if kind == "ngram":
+        return target, NgramSpeculator(), prompt
+    return target, NeuralSpeculator(tiny_model(12, SMALL_VOCAB, scale=0.6), SMALL_VOCAB), prompt  # disagrees
+
+
+@pytest.mark.parametrize("kind", ["neural", "ngram"])
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sampled_sd_follows_target_distribution(kind, temperature):
+    target, spec, prompt = statistical_setup(kind)
+    samples = sd_samples(target, spec, prompt, temperature, k=2)
+    assert chi2_pvalue(samples, exact_joint(target, prompt, temperature)) > 0.01
+
+
+def wrong_verify(draft_tokens, q, p, generators):
+    """Negative control: on rejection resample from p instead of the residual max(0, p - q)."""
+    from saguaro.sampling import uniform
+
+    b, k = draft_tokens.shape
+    p_d = p[:, :k].gather(-1, draft_tokens[..., None])[..., 0]
+    q_d = q.gather(-1, draft_tokens[..., None])[..., 0]
+    accepted = (uniform(k, generators).to(p.dtype) * q_d < p_d).int().cumprod(-1).sum(-1)
+    return accepted, sample(p[torch.arange(b), accepted], generators)
+
+
+def test_negative_control_wrong_verifier_fails(monkeypatch):
+    monkeypatch.setattr(speculative, "verify", wrong_verify)
+    target, spec, prompt = statistical_setup("neural")
+    samples = sd_samples(target, spec, prompt, 1.0, k=2)
+    assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) < 0.01

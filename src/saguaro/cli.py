@@ -99,6 +99,21 @@ def cmd_distill(args) -> None:
         print(json.dumps(report, indent=2))
 
 
+def cmd_bench(args) -> None:
+    from saguaro import bench
+
+    llm_args = argparse.Namespace(**{**vars(args), "mode": "ar"})
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        bench.parse_mode(m)
+    with make_llm(llm_args) as llm:
+        report = bench.bench(llm, modes, args.datasets.split(","), args.num_prompts, args.max_tokens,
+                             args.temperature, args.k, args.draft, args.seed)
+    print(bench.format_table(report))
+    if args.json:
+        bench.write_json(report, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saguaro", description="Exact speculative (and SSD) decoding.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -111,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.add_argument("prompts", nargs="*", metavar="PROMPT")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="compare decoding modes on the same prompts in one run")
+    add_model_args(b)
+    b.add_argument("--modes", default="ar,sd", help="comma-separated: ar, sd, sd-ngram (default: ar,sd)")
+    b.add_argument("--datasets", default="humaneval,sharegpt")
+    b.add_argument("--num-prompts", type=_positive_int, default=4)
+    b.add_argument("--max-tokens", type=_positive_int, default=64)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", help="write the full report here")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("distill", help="distill a small draft model from a target")
     d.add_argument("--target", help="target checkpoint (default: embedded SmolLM2-135M)")

@@ -64,9 +64,10 @@ class LLM:
         target_path = Path(model) if model is not None else embedded_target_path()
         self.target = load_model(target_path, dtype=DTYPES[dtype], device=device)
         self.tokenizer = Tokenizer.load(resolve_checkpoint(target_path), self.target.config.eos_token_ids)
-        self.engine = self._make_engine(mode, draft, k, max_batch_size, engine_options)
+        self.engine = self.make_engine(mode, draft, k, max_batch_size, **engine_options)
 
-    def _make_engine(self, mode, draft, k, max_batch_size, options) -> Engine:
+    def make_engine(self, mode: str, draft=None, k: int = 4, max_batch_size: int = 64, **options) -> Engine:
+        """An engine of another mode over this LLM's target and tokenizer (benchmarks compare several)."""
         stop = self.tokenizer.stop_token_ids
         if mode == "ar":
             return AREngine(self.target, stop, max_batch_size=max_batch_size)

@@ -95,6 +95,8 @@ class Sequence:
         if s.rounds:
             out.update(
                 rounds=s.rounds,
+                drafted_tokens=s.drafted,
+                accepted_tokens=s.accepted,
                 mean_accepted=s.accepted / s.rounds,
                 acceptance_rate=s.accepted / s.drafted if s.drafted else 0.0,
                 tokens_per_round=(n - 1) / s.rounds,  # the first token comes from prefill

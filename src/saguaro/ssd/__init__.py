@@ -1,0 +1,1 @@
+"""Speculative Speculative Decoding and Saguaro's three parts: fan-out, sampling, fallback."""

@@ -1,0 +1,108 @@
+"""Saguaro's three parts as pure functions: fan-out, sampling sigma_{F,C}, the speedup model."""
+
+import pytest
+import torch
+
+from saguaro.ssd.fanout import geometric_fanout, geometric_weights, round_to_budget, uniform_fanout
+from saguaro.ssd.sampling import residual_mass_on, saguaro_distribution
+from saguaro.ssd.speedup import expected_tokens, fallback_switch_batch, ssd_speedup
+
+
+@pytest.mark.parametrize("a, r, k", [(0.6, 0.5, 4), (0.8, 1.0, 3), (0.3, 2.0, 6)])
+def test_geometric_weights_match_closed_form(a, r, k):
+    w = geometric_weights(k, a, r)
+    for i in range(k):
+        assert w[i] == pytest.approx(a ** (i / (1 + r)))
+    assert w[k] == pytest.approx(a ** (k / (1 + r)) * (1 - a) ** (-1 / (1 + r)))
+    # the optimum of sum_k P_k (1 - F_k^-r) under sum F_k = B: F_k ~ P_k^(1/(1+r))
+    probs = [a**i * (1 - a) for i in range(k)] + [a**k]
+    ratio = [wi / pi ** (1 / (1 + r)) for wi, pi in zip(w, probs)]
+    assert max(ratio) == pytest.approx(min(ratio))
+
+
+def test_geometric_fanout_is_optimal_among_integer_neighbours():
+    a, r, k, budget = 0.7, 0.8, 4, 40
+    probs = [a**i * (1 - a) for i in range(k)] + [a**k]
+
+    def hit(f):
+        return sum(p * (1 - fi ** -r) for p, fi in zip(probs, f) if fi > 0)
+
+    best = geometric_fanout(budget, k, a, r)
+    assert sum(best) == budget
+    for i in range(k + 1):  # moving one branch anywhere does not help
+        for j in range(k + 1):
+            if i != j and best[i] > 1:
+                moved = list(best)
+                moved[i] -= 1
+                moved[j] += 1
+                assert hit(moved) <= hit(best) + 1e-9
+
+
+@pytest.mark.parametrize("budget", [0, 1, 7, 16, 63])
+def test_rounding_meets_budget(budget):
+    f = geometric_fanout(budget, 5, 0.65, 0.7)
+    assert sum(f) == budget and all(x >= 0 for x in f)
+    assert sum(uniform_fanout(budget, 5)) == budget
+    assert round_to_budget([1, 1, 2], 4) == [1, 1, 2]
+
+
+def test_fanout_rejects_bad_parameters():
+    with pytest.raises(ValueError):
+        geometric_weights(4, 1.0, 0.5)
+    with pytest.raises(ValueError):
+        geometric_weights(4, 0.5, 0.0)
+
+
+def test_saguaro_distribution_scales_top_f():
+    q = torch.tensor([0.5, 0.2, 0.2, 0.1], dtype=torch.float64)
+    got = saguaro_distribution(q, 2, 0.5)
+    assert got.sum() == pytest.approx(1.0)
+    assert got[0] / got[3] == pytest.approx(0.5 * 0.5 / 0.1)
+    assert torch.equal(saguaro_distribution(q, 2, 1.0), q)
+    assert torch.equal(saguaro_distribution(torch.tensor([1.0, 0.0]), 1, 0.0), torch.tensor([1.0, 0.0]))
+
+
+def test_residual_mass_on_cached_tokens_rises_as_c_falls():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p = torch.softmax(torch.randn(50, generator=g, dtype=torch.float64) * 2, -1)
+        q = torch.softmax(torch.randn(50, generator=g, dtype=torch.float64) * 2, -1)
+        top = q.topk(5).indices
+        shares = [float(residual_mass_on(p, saguaro_distribution(q, 5, c), top)) for c in (1.0, 0.75, 0.5, 0.25, 0.0)]
+        assert all(b >= a - 1e-12 for a, b in zip(shares, shares[1:]))
+        assert shares[-1] > shares[0]
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_speedup_model_limits():
+    e = expected_tokens(0.7, 4)
+    assert ssd_speedup(1.0, e, 1.0, 0.5, 0.3) == pytest.approx(e)  # all hits, draft hidden
+    assert ssd_speedup(1.0, e, 1.0, 1.5, 0.3) == pytest.approx(e / 1.5)  # draft slower than verify
+    assert ssd_speedup(0.0, e, 2.0, 0.5, 0.3) == pytest.approx(2.0 / 1.3)  # all misses
+    assert ssd_speedup(0.9, e, e, 0.5, 0.3, batch=8) < ssd_speedup(0.9, e, e, 0.5, 0.3, batch=1)
+
+
+def test_switch_batch_is_where_ngram_overtakes_neural():
+    kw = dict(p_hit=0.9, tokens_hit=expected_tokens(0.7, 4), t_primary=0.5,
+              tokens_neural=expected_tokens(0.7, 4), t_neural=0.4,
+              tokens_ngram=expected_tokens(0.3, 4), t_ngram=0.01)
+    b = fallback_switch_batch(**kw)
+    assert b is not None and b > 1
+
+    def speeds(batch):
+        n = ssd_speedup(kw["p_hit"], kw["tokens_hit"], kw["tokens_neural"], kw["t_primary"], kw["t_neural"], batch)
+        g = ssd_speedup(kw["p_hit"], kw["tokens_hit"], kw["tokens_ngram"], kw["t_primary"], kw["t_ngram"], batch)
+        return n, g
+
+    n, g = speeds(b - 1)
+    assert g < n
+    n, g = speeds(b)
+    assert g >= n
+    # a backup as accurate as the draft and faster wins at once; one far worse never does
+    assert fallback_switch_batch(**{**kw, "tokens_ngram": kw["tokens_neural"]}) == 1
+    assert fallback_switch_batch(**{**kw, "tokens_ngram": 0.0}, max_batch=64) is None

@@ -53,6 +53,19 @@ class KVCache:
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
         self.k, self.v, self.lengths = self.k[:, idx], self.v[:, idx], self.lengths[idx]
 
+    def take_rows(self, rows: list[int]) -> "KVCache":
+        """A separate cache holding copies of some rows (to run just those rows)."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v, out.lengths = self.k[:, rows].clone(), self.v[:, rows].clone(), self.lengths[rows].clone()
+        return out
+
+    def put_rows(self, rows: list[int], other: "KVCache") -> None:
+        """Write back rows taken with take_rows (possibly grown since)."""
+        self.ensure_capacity(other.capacity)
+        self.k[:, rows, :, : other.capacity] = other.k
+        self.v[:, rows, :, : other.capacity] = other.v
+        self.lengths[rows] = other.lengths
+
     def extend(self, other: "KVCache") -> None:
         """Append another cache's rows after ours (sequences joining a running batch)."""
         size = max(self.capacity, other.capacity)

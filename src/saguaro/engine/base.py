@@ -62,6 +62,7 @@ class Engine:
         return bool(self.waiting or self.running)
 
     # ------------------------------------------------------------------ loop
+    @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Admit waiting requests, run one decode round; return the sequences that changed."""
         admitted = []

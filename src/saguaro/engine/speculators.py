@@ -12,7 +12,7 @@ import torch
 
 from saguaro.engine.sequence import Sequence
 from saguaro.models.transformer import CausalLM
-from saguaro.sampling import sample, target_probs
+from saguaro.sampling import SamplingParams, sample, target_probs
 
 
 @dataclass
@@ -72,7 +72,7 @@ class NeuralSpeculator(Speculator):
         self._k = 0
 
     def prefill(self, seqs, ids, lengths) -> None:
-        cache = self.draft.new_cache(len(seqs), int(lengths.max()) + 64)
+        cache = self.draft.new_cache(len(lengths), int(lengths.max()) + 64)
         self.draft(ids.to(self.draft.device), cache, logits_at=(lengths - 1)[:, None])
         cache.lengths[:] = lengths
         if self.cache is None:
@@ -80,14 +80,14 @@ class NeuralSpeculator(Speculator):
         else:
             self.cache.extend(cache)
 
-    def draft_distribution(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def draft_distribution(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """q over the target's vocabulary (zero outside a reduced draft head), under each row's params."""
         if self.draft.output_token_ids is not None:
             full = logits.new_full((logits.shape[0], self.target_vocab), float("-inf"))
             logits = full.index_copy_(1, self.draft.output_token_ids, logits)
         elif logits.shape[-1] < self.target_vocab:
             logits = torch.nn.functional.pad(logits, (0, self.target_vocab - logits.shape[-1]), value=float("-inf"))
-        return target_probs(logits, [s.params for s in seqs])
+        return target_probs(logits, params)
 
     def propose(self, seqs: list[Sequence], k: int) -> Proposal:
         # Feed what the draft has not seen: the target's last token, plus the last accepted draft
@@ -102,7 +102,7 @@ class NeuralSpeculator(Speculator):
         tokens, qs = [], []
         generators = [s.generator for s in seqs]
         for step in range(k):
-            q = self.draft_distribution(logits, seqs)
+            q = self.draft_distribution(logits, [s.params for s in seqs])
             tokens.append(sample(q, generators))
             qs.append(q)
             if step < k - 1:

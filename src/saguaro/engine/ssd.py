@@ -1,0 +1,114 @@
+"""SSD: the target verifies speculation T while the drafter pre-drafts speculation T+1 for the
+likeliest outcomes. Verification is the same `verify` as SD, so the output stays exact.
+
+The engine talks to a drafter through four calls (prefill, respond, build_tree, retire). The
+in-process `LocalDrafter` runs them in place (for tests, and where no second core exists); the
+worker client runs them in another process, where build_tree overlaps the target's forward.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from saguaro.engine.base import Engine
+from saguaro.engine.verify import verify
+from saguaro.models.transformer import CausalLM
+from saguaro.sampling import target_probs
+from saguaro.ssd.drafter import Speculation, SSDDrafter
+
+
+class LocalDrafter:
+    """The drafter in this process: build_tree runs before verification instead of beside it."""
+
+    def __init__(self, drafter: SSDDrafter):
+        self.drafter = drafter
+
+    def prefill(self, seq_ids, prompts, params, seeds) -> None:
+        self.drafter.prefill(seq_ids, prompts, params, seeds)
+
+    def respond(self, outcomes, new_tokens) -> list[Speculation]:
+        return self.drafter.respond(outcomes, new_tokens)
+
+    def build_tree(self) -> None:
+        self.drafter.build_tree()
+
+    def finish_tree(self) -> None:
+        """Wait until the tree of the current round is built (nothing to wait for in place)."""
+
+    def retire(self, keep: list[int]) -> None:
+        self.drafter.retire(keep)
+
+    def close(self) -> None:
+        pass
+
+
+class SSDEngine(Engine):
+    mode = "ssd"
+
+    def __init__(self, target: CausalLM, drafter, k: int, stop_token_ids: set[int], max_batch_size: int = 64):
+        super().__init__(target, stop_token_ids, max_batch_size)
+        self.drafter, self.k = drafter, k
+        self.sent: dict[int, int] = {}  # seq id -> tokens of its context the drafter has
+        self.outcome: dict[int, tuple[int, int]] = {}  # seq id -> outcome of its last round
+        self.totals = {"rounds": 0, "respond_s": 0.0, "verify_s": 0.0, "hits": 0, "lookups": 0}
+
+    @property
+    def lookahead(self) -> int:
+        return self.k + 1
+
+    def on_prefill(self, seqs, ids, lengths, cache) -> None:
+        self.drafter.prefill([s.id for s in seqs], [s.prompt_ids for s in seqs], [s.params for s in seqs],
+                             [s.params.seed for s in seqs])
+        for s in seqs:
+            self.sent[s.id] = len(s.prompt_ids)
+
+    def on_retire(self, keep: list[int]) -> None:
+        self.drafter.retire(keep)
+        alive = {s.id for s in self.running}
+        for table in (self.sent, self.outcome):
+            for sid in [x for x in table if x not in alive]:
+                del table[sid]
+
+    def decode_round(self) -> None:
+        seqs, k = self.running, self.k
+        t0 = time.perf_counter()
+        outcomes = [self.outcome.get(s.id) for s in seqs]
+        new = [s.all_ids[self.sent[s.id]:] for s in seqs]
+        specs = self.drafter.respond(outcomes, new)
+        for s in seqs:
+            self.sent[s.id] = len(s.all_ids)
+        self.drafter.build_tree()  # in a worker this overlaps the verification below
+        t1 = time.perf_counter()
+        tokens = torch.tensor([sp.tokens for sp in specs])
+        last = torch.tensor([[s.last_token] for s in seqs])
+        logits = self.target(torch.cat([last, tokens], 1).to(self.target.device), self.cache)
+        p = target_probs(logits, [s.params for s in seqs])
+        q = None
+        if any(sp.q is not None for sp in specs):
+            one_hot = torch.zeros(k, p.shape[-1], dtype=p.dtype)
+            q = torch.stack([sp.q.to(p.dtype) if sp.q is not None else one_hot.scatter(1, torch.tensor(sp.tokens)[:, None], 1.0)
+                             for sp in specs])
+        accepted, emitted = verify(tokens, q, p, [s.generator for s in seqs])
+        t2 = time.perf_counter()
+        self.drafter.finish_tree()
+        self.cache.lengths += accepted + 1
+        for s, sp, a, t, out in zip(seqs, specs, accepted.tolist(), emitted.tolist(), outcomes):
+            s.append(sp.tokens[:a] + [t], self.stop_ids)
+            self.outcome[s.id] = (a, t)
+            st = s.stats
+            st.rounds += 1
+            st.drafted += k
+            st.accepted += a
+            st.draft_s += t1 - t0
+            st.verify_s += t2 - t1
+            if out is not None:  # the first round after prefill has nothing to look up
+                st.cache_lookups += 1
+                st.cache_hits += sp.hit
+        self.totals["rounds"] += 1
+        self.totals["respond_s"] += t1 - t0
+        self.totals["verify_s"] += t2 - t1
+
+    def close(self) -> None:
+        self.drafter.close()

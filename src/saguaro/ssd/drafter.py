@@ -1,0 +1,220 @@
+"""The SSD draft side: pre-draft the next speculation for many likely verification outcomes.
+
+While the target verifies speculation S = s_1..s_K of a sequence with context x, the drafter
+1. feeds x's new tokens and S to its main cache row, reading its own distributions q_1..q_{K+1};
+2. picks outcome candidates: for k < K the top-F_k tokens of q_{k+1} other than s_{k+1} (a rejected
+   position never emits the draft's own token), for k = K the top-F_K tokens of q_{K+1};
+3. drafts K tokens for every branch (k, t), context x + s_1..s_k + t, all branches of all rows in
+   one forward per depth. Branch tokens live in cache slots past the main row and see the shared
+   prefix through the attention mask;
+4. stores (k, t) -> (tokens, q) in the speculation cache.
+When the real outcome (k*, t*) arrives, a hit returns the stored speculation at once; a miss
+falls back to just-in-time drafting (neural) or the n-gram backup.
+
+This class knows nothing of processes: the worker runs it remotely, tests run it in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from saguaro.engine.speculators import NeuralSpeculator, NgramSpeculator
+from saguaro.models.transformer import CausalLM
+from saguaro.sampling import SamplingParams, sample, target_probs
+from saguaro.ssd.sampling import saguaro_distribution
+
+
+def draft_seed(seed: int) -> int:
+    """The drafter's own stream for a seeded request, far from any small request seed (an LCG step),
+    so one request's draft draws never replay another request's verification draws."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
+
+
+@dataclass
+class Speculation:
+    tokens: list[int]
+    q: torch.Tensor | None  # [K, V] over the target vocabulary; None for deterministic proposals
+    hit: bool = False
+    source: str = "tree"  # "tree" (cache hit), "neural" or "ngram" (fallback)
+
+
+@dataclass
+class DraftRow:
+    """What the drafter knows of one sequence."""
+
+    seq_id: int
+    params: SamplingParams
+    tokens: list[int]  # committed context (prompt + output so far)
+    generator: torch.Generator | None
+    speculation: Speculation | None = None  # the one being verified now
+    branches: dict[tuple[int, int], Speculation] = field(default_factory=dict)
+
+
+class SSDDrafter:
+    def __init__(self, draft: CausalLM, target_vocab: int, k: int, fanout: list[int], c: float = 1.0,
+                 fallback: str = "neural"):
+        if len(fanout) != k + 1:
+            raise ValueError(f"fan-out needs K+1 = {k + 1} entries, got {len(fanout)}")
+        self.draft, self.k, self.fanout, self.c, self.fallback = draft, k, list(fanout), c, fallback
+        self.jit = NeuralSpeculator(draft, target_vocab)  # owns the main cache rows
+        self.ngram = NgramSpeculator()
+        self.rows: list[DraftRow] = []
+        out_ids = draft.output_token_ids  # head index of each target token, -1 where the head has none
+        self.head_index = None
+        if out_ids is not None:
+            self.head_index = torch.full((target_vocab,), -1, dtype=torch.long)
+            self.head_index[out_ids] = torch.arange(len(out_ids))
+
+    # ------------------------------------------------------------------ batch membership
+    @torch.inference_mode()
+    def prefill(self, seq_ids: list[int], prompts: list[list[int]], params: list[SamplingParams],
+                seeds: list[int | None]) -> None:
+        lengths = torch.tensor([len(p) for p in prompts])
+        ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        self.jit.prefill(None, ids, lengths)
+        for sid, p, sp, seed in zip(seq_ids, prompts, params, seeds):
+            g = None if seed is None else torch.Generator().manual_seed(draft_seed(seed))
+            self.rows.append(DraftRow(sid, sp, list(p), g))
+
+    @torch.inference_mode()
+    def retire(self, keep: list[int]) -> None:
+        self.jit.retire(keep)
+        self.rows = [self.rows[i] for i in keep]
+
+    # ------------------------------------------------------------------ outcomes -> next speculations
+    @torch.inference_mode()
+    def respond(self, outcomes: list[tuple[int, int] | None], new_tokens: list[list[int]]) -> list[Speculation]:
+        """Row i's last speculation ended in outcomes[i] = (k accepted, emitted token) and its context
+        grew by new_tokens[i]; return each row's next speculation (a cache hit or a fallback)."""
+        out: list[Speculation | None] = []
+        miss_rows = []
+        for i, (row, outcome, new) in enumerate(zip(self.rows, outcomes, new_tokens)):
+            row.tokens += new
+            spec = row.branches.get(outcome) if outcome is not None else None
+            row.branches = {}
+            if outcome is not None:  # keep the main row's KV for x + s_1..s_k only
+                self.jit.cache.lengths[i] = len(row.tokens) - 1
+            if spec is not None:
+                spec.hit = True
+            else:
+                miss_rows.append(i)
+            out.append(spec)
+        if miss_rows:
+            for i, spec in zip(miss_rows, self._fallback(miss_rows)):
+                out[i] = spec
+        for row, spec in zip(self.rows, out):
+            row.speculation = spec
+        return out
+
+    def _fallback(self, rows: list[int]) -> list[Speculation]:
+        if self.fallback == "ngram":
+            return [Speculation(self.ngram.lookup(self.rows[i].tokens, self.k), None, source="ngram") for i in rows]
+        # just-in-time neural drafting for the missed rows; the other rows' cache rows stay as they are
+        return self._draft_rows(rows)
+
+    def _draft_rows(self, rows: list[int]) -> list[Speculation]:
+        """Just-in-time drafting of K tokens for some rows (the cache misses)."""
+        sub = [self.rows[i] for i in rows]
+        view = self.jit.cache.take_rows(rows)
+        pending = [r.tokens[n:] for r, n in zip(sub, view.lengths.tolist())]
+        ids = torch.zeros(len(rows), max(len(p) for p in pending), dtype=torch.long)
+        for j, p in enumerate(pending):
+            ids[j, : len(p)] = torch.tensor(p)
+        counts = torch.tensor([len(p) for p in pending])
+        logits = self.draft(ids, view, logits_at=(counts - 1)[:, None])[:, 0]
+        view.lengths += counts
+        tokens, qs = [], []
+        for step in range(self.k):
+            token, q = self._draw(logits, sub, self.fanout[step])
+            tokens.append(token)
+            qs.append(q)
+            if step < self.k - 1:
+                logits = self.draft(tokens[-1][:, None], view)[:, -1]
+                view.lengths += 1
+        # keep the context's KV; the tree re-feeds the last context token and the proposals
+        view.lengths[:] = torch.tensor([len(r.tokens) - 1 for r in sub])
+        self.jit.cache.put_rows(rows, view)
+        toks, q_all = torch.stack(tokens, 1), torch.stack(qs, 1)
+        return [Speculation(toks[j].tolist(), None if r.params.greedy else q_all[j], source="neural")
+                for j, r in enumerate(sub)]
+
+    def _draw(self, logits: torch.Tensor, rows: list[DraftRow], top_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one token per row from the draft's q, under sigma_{F,C} for sampled rows; return
+        the tokens and the distribution they were drawn from (which the verifier must use)."""
+        q = self.jit.draft_distribution(logits, [r.params for r in rows])
+        if self.c < 1.0 and top_f > 0:
+            sampled = torch.tensor([not r.params.greedy for r in rows])
+            q = torch.where(sampled[:, None], saguaro_distribution(q, top_f, self.c), q)
+        return sample(q, [r.generator for r in rows]), q
+
+    # ------------------------------------------------------------------ the tree
+    @torch.inference_mode()
+    def build_tree(self) -> None:
+        """Pre-draft every row's likely outcomes of the speculation now being verified."""
+        if not self.rows:
+            return
+        k, cache = self.k, self.jit.cache
+        b = len(self.rows)
+        specs = [r.speculation for r in self.rows]
+        # 1. main rows: feed the unseen context and the speculation, read q_1..q_{K+1}
+        pending = [r.tokens[int(cache.lengths[i]):] + s.tokens for i, (r, s) in enumerate(zip(self.rows, specs))]
+        width = max(len(p) for p in pending)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        for i, p in enumerate(pending):
+            ids[i, : len(p)] = torch.tensor(p)
+        counts = torch.tensor([len(p) for p in pending])
+        at = (counts - k - 1)[:, None] + torch.arange(k + 1)
+        logits = self.draft(ids, cache, logits_at=at)  # [B, K+1, V_draft]
+        n = torch.tensor([len(r.tokens) for r in self.rows])  # context lengths
+        cache.lengths[:] = n + k
+        # 2. outcome candidates, in draft-head indices (mapped to target ids below)
+        spec_tok = torch.tensor([s.tokens for s in specs])  # [B, K]
+        out_ids = self.draft.output_token_ids
+        to_head = spec_tok if self.head_index is None else self.head_index[spec_tok]
+        branch_k, branch_t = [], []
+        for j, f in enumerate(self.fanout):
+            if f == 0:
+                continue
+            scores = logits[:, j].float().clone()
+            if j < k:  # a rejected position never emits the draft's own token
+                col = to_head[:, j]
+                ok = (col >= 0).nonzero()[:, 0]
+                scores[ok, col[ok]] = float("-inf")
+            top = scores.topk(min(f, scores.shape[-1]), dim=-1).indices  # [B, f]
+            branch_t.append(top if out_ids is None else out_ids[top])
+            branch_k += [j] * top.shape[1]
+        if not branch_t:  # zero budget: every outcome will miss
+            return
+        tok0 = torch.cat(branch_t, 1)  # [B, N] first token of each branch
+        nb = tok0.shape[1]
+        kb = torch.tensor(branch_k)  # [N]
+        # 3. K tokens per branch, one forward per depth over every branch of every row
+        base = n + k  # first branch slot per row
+        span = int(base.max()) + k * nb
+        cache.ensure_capacity(span)
+        slot_idx = torch.arange(span)
+        mask = slot_idx[None, None, :] < (n[:, None, None] + kb[None, :, None])  # prefix x + s_1..s_k
+        tokens, qs = [], []
+        cur = tok0
+        for d in range(k):
+            slots = base[:, None] + d * nb + torch.arange(nb)[None, :]
+            mask = mask.clone()
+            mask[torch.arange(b)[:, None], torch.arange(nb)[None, :], slots] = True
+            positions = n[:, None] + kb[None, :] + d
+            out = self.draft(cur, cache, positions=positions, slots=slots, mask=mask)  # [B, N, V_draft]
+            token, q = self._draw(out.reshape(b * nb, -1), [r for r in self.rows for _ in range(nb)], self.fanout[d])
+            cur = token.view(b, nb)
+            tokens.append(cur)
+            qs.append(q.view(b, nb, -1))
+        # 4. the speculation cache
+        all_tokens, all_q = torch.stack(tokens, 2), torch.stack(qs, 2)  # [B, N, K], [B, N, K, V]
+        for i, row in enumerate(self.rows):
+            greedy = row.params.greedy
+            row.branches = {
+                (int(kb[j]), int(tok0[i, j])): Speculation(all_tokens[i, j].tolist(), None if greedy else all_q[i, j])
+                for j in range(nb)
+            }

@@ -1,0 +1,85 @@
+"""SSD (in-process drafter): greedy output identical to AR with hits, misses and forced misses;
+sampled output follows the target's distribution, with and without Saguaro sampling."""
+
+import itertools
+
+import pytest
+
+from saguaro.engine.base import AREngine
+from saguaro.engine.sequence import Sequence
+from saguaro.engine.ssd import LocalDrafter, SSDEngine
+from saguaro.sampling import SamplingParams
+from saguaro.ssd.drafter import SSDDrafter
+from saguaro.ssd.fanout import geometric_fanout
+from tests.test_sd_exactness import (N_SAMPLES, SMALL_VOCAB, STOP, VOCAB, chi2_pvalue, exact_joint, prompts, run)
+from tests.tiny import perturbed, tiny_model
+
+
+def ssd_engine(target, draft, k, fanout, fallback="neural", c=1.0, vocab=VOCAB, max_batch=64):
+    drafter = SSDDrafter(draft, vocab, k, fanout, c=c, fallback=fallback)
+    return SSDEngine(target, LocalDrafter(drafter), k, STOP if vocab == VOCAB else set(), max_batch_size=max_batch)
+
+
+@pytest.mark.parametrize("fallback", ["neural", "ngram"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("forced_miss", [False, True])
+def test_greedy_ssd_equals_ar(fallback, batch, forced_miss):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    hits = lookups = 0
+    for seed, k in itertools.product(range(2), (1, 2, 3, 5)):
+        target = tiny_model(seed, VOCAB)
+        draft = perturbed(target, seed, 0.05)
+        fanout = [0] * (k + 1) if forced_miss else geometric_fanout(3 * (k + 1), k, 0.7, 0.6)
+        ps = prompts(seed * 10 + k, batch)
+        want, _ = run(AREngine(target, STOP), ps, params)
+        got, seqs = run(ssd_engine(target, draft, k, fanout, fallback), ps, params)
+        assert got == want, (seed, k)
+        hits += sum(s.stats.cache_hits for s in seqs)
+        lookups += sum(s.stats.cache_lookups for s in seqs)
+    assert lookups > 0
+    if forced_miss:
+        assert hits == 0
+    else:
+        assert hits > lookups / 2  # a close draft with fan-out mostly hits
+
+
+def ssd_samples(target, draft, prompt, temperature, k, fanout, c, fallback="neural"):
+    seqs = [Sequence(list(prompt), SamplingParams(temperature=temperature, max_tokens=3, seed=i))
+            for i in range(N_SAMPLES)]
+    ssd_engine(target, draft, k, fanout, fallback, c, SMALL_VOCAB, N_SAMPLES).run(seqs)
+    return [tuple(s.output_ids) for s in seqs], seqs
+
+
+def stat_setup():
+    target = tiny_model(11, SMALL_VOCAB, scale=0.6)
+    draft = tiny_model(12, SMALL_VOCAB, scale=0.6)  # disagrees with the target
+    return target, draft, [1, 4, 2, 1, 4]
+
+
+@pytest.mark.parametrize("temperature, c, fanout", [
+    (0.7, 1.0, [2, 1, 2]), (1.0, 1.0, [2, 1, 2]), (0.7, 0.5, [2, 1, 2]), (1.0, 0.5, [2, 1, 2]),
+    (1.0, 0.5, [0, 0, 0]),  # forced misses
+])
+def test_sampled_ssd_follows_target_distribution(temperature, c, fanout):
+    target, draft, prompt = stat_setup()
+    samples, seqs = ssd_samples(target, draft, prompt, temperature, 2, fanout, c)
+    assert chi2_pvalue(samples, exact_joint(target, prompt, temperature)) > 0.01
+    hits = sum(s.stats.cache_hits for s in seqs)
+    assert (hits == 0) if fanout == [0, 0, 0] else (hits > 0)
+
+
+class DrafterIgnoringC(SSDDrafter):
+    """Negative control: draws from sigma_{F,C}(q) but hands the verifier the plain q."""
+
+    def _draw(self, logits, rows, top_f):
+        token, _ = super()._draw(logits, rows, top_f)
+        return token, self.jit.draft_distribution(logits, [r.params for r in rows])
+
+
+def test_negative_control_verifier_ignoring_c_fails():
+    target, draft, prompt = stat_setup()
+    drafter = DrafterIgnoringC(draft, SMALL_VOCAB, 2, [2, 1, 2], c=0.0)
+    seqs = [Sequence(list(prompt), SamplingParams(temperature=1.0, max_tokens=3, seed=i)) for i in range(N_SAMPLES)]
+    SSDEngine(target, LocalDrafter(drafter), 2, set(), max_batch_size=N_SAMPLES).run(seqs)
+    samples = [tuple(s.output_ids) for s in seqs]
+    assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) < 0.01

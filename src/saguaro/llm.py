@@ -17,7 +17,7 @@ from saguaro.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "sd")
+MODES = ("ar", "sd", "ssd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,6 +62,7 @@ class LLM:
             torch.set_num_threads(threads)
         self.mode = mode
         target_path = Path(model) if model is not None else embedded_target_path()
+        self.target_path = target_path
         self.target = load_model(target_path, dtype=DTYPES[dtype], device=device)
         self.tokenizer = Tokenizer.load(resolve_checkpoint(target_path), self.target.config.eos_token_ids)
         self.engine = self.make_engine(mode, draft, k, max_batch_size, **engine_options)
@@ -74,7 +75,7 @@ class LLM:
         from saguaro.engine.speculative import make_speculative_engine
 
         return make_speculative_engine(mode, self.target, self.tokenizer, draft, k, stop, max_batch_size,
-                                       default_draft=embedded_draft_path(), **options)
+                                       default_draft=embedded_draft_path(), target_path=self.target_path, **options)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:

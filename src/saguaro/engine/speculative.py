@@ -92,15 +92,21 @@ def load_draft(path, target: CausalLM, tokenizer) -> CausalLM:
     return draft
 
 
-def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_size, default_draft=None):
-    if mode != "sd":
-        raise ValueError(f"mode {mode!r} is not available in this build")
+def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_size, default_draft=None,
+                            target_path=None, **ssd_options):
     if draft == "ngram":
-        speculator: Speculator = NgramSpeculator()
-    else:
-        path = draft or default_draft
-        if path is None:
-            raise CheckpointError("no draft model: pass --draft PATH (a checkpoint sharing the target's "
-                                  "tokenizer) or --draft ngram")
+        if mode == "ssd":
+            raise ValueError("SSD pre-drafts with a neural draft; --draft ngram is for sd (or --fallback ngram)")
+        return SDEngine(target, NgramSpeculator(), k, stop, max_batch_size)
+    path = draft or default_draft
+    if path is None:
+        raise CheckpointError("no draft model: pass --draft PATH (a checkpoint sharing the target's "
+                              "tokenizer) or --draft ngram")
+    if mode == "sd":
         speculator = NeuralSpeculator(load_draft(path, target, tokenizer), target.config.vocab_size)
-    return SDEngine(target, speculator, k, stop, max_batch_size)
+        return SDEngine(target, speculator, k, stop, max_batch_size)
+    if mode == "ssd":
+        from saguaro.engine.ssd_setup import make_ssd_engine
+
+        return make_ssd_engine(target, tokenizer, path, target_path, k, stop, max_batch_size, **ssd_options)
+    raise ValueError(f"unknown mode {mode!r}")

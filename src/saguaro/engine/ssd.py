@@ -8,6 +8,7 @@ worker client runs them in another process, where build_tree overlaps the target
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -17,6 +18,8 @@ from saguaro.engine.verify import verify
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import target_probs
 from saguaro.ssd.drafter import Speculation, SSDDrafter
+
+log = logging.getLogger(__name__)
 
 
 class LocalDrafter:
@@ -47,25 +50,59 @@ class LocalDrafter:
 class SSDEngine(Engine):
     mode = "ssd"
 
-    def __init__(self, target: CausalLM, drafter, k: int, stop_token_ids: set[int], max_batch_size: int = 64):
+    def __init__(self, target: CausalLM, drafter, k: int, stop_token_ids: set[int], max_batch_size: int = 64,
+                 local_fallback=None):
+        """local_fallback: makes an in-process drafter to finish with if the worker fails."""
         super().__init__(target, stop_token_ids, max_batch_size)
         self.drafter, self.k = drafter, k
+        self.local_fallback = local_fallback
+        self.degraded: str | None = None  # why the engine left its worker, if it did
         self.sent: dict[int, int] = {}  # seq id -> tokens of its context the drafter has
         self.outcome: dict[int, tuple[int, int]] = {}  # seq id -> outcome of its last round
-        self.totals = {"rounds": 0, "respond_s": 0.0, "verify_s": 0.0, "hits": 0, "lookups": 0}
+        self.totals = {"rounds": 0, "respond_s": 0.0, "verify_s": 0.0}
+        self._prefilling = []
 
     @property
     def lookahead(self) -> int:
         return self.k + 1
 
+    def _guarded(self, call, *args):
+        """Run a drafter call; if the worker fails, switch to a local drafter once and retry."""
+        from saguaro.ssd.worker import WorkerError
+
+        try:
+            return call(self.drafter)(*args)
+        except WorkerError as e:
+            if self.local_fallback is None:
+                raise
+            self._degrade(str(e))
+            return None
+
+    def _degrade(self, reason: str) -> None:
+        log.warning("%s; finishing every request with a local draft (SD)", reason)
+        self.degraded = reason
+        try:
+            self.drafter.close()
+        except Exception:  # the worker is gone already
+            pass
+        self.drafter = self.local_fallback()
+        self.local_fallback = None
+        seqs = self.running + [s for s in self._prefilling]
+        if seqs:  # the local drafter starts from what the worker had been told
+            self.drafter.prefill([s.id for s in seqs], [s.all_ids[: self.sent[s.id]] for s in seqs],
+                                 [s.params for s in seqs], [s.params.seed for s in seqs])
+        self.outcome.clear()
+
     def on_prefill(self, seqs, ids, lengths, cache) -> None:
-        self.drafter.prefill([s.id for s in seqs], [s.prompt_ids for s in seqs], [s.params for s in seqs],
-                             [s.params.seed for s in seqs])
         for s in seqs:
             self.sent[s.id] = len(s.prompt_ids)
+        self._prefilling = seqs
+        self._guarded(lambda d: d.prefill, [s.id for s in seqs], [s.prompt_ids for s in seqs],
+                      [s.params for s in seqs], [s.params.seed for s in seqs])
+        self._prefilling = []
 
     def on_retire(self, keep: list[int]) -> None:
-        self.drafter.retire(keep)
+        self._guarded(lambda d: d.retire, keep)
         alive = {s.id for s in self.running}
         for table in (self.sent, self.outcome):
             for sid in [x for x in table if x not in alive]:
@@ -76,7 +113,10 @@ class SSDEngine(Engine):
         t0 = time.perf_counter()
         outcomes = [self.outcome.get(s.id) for s in seqs]
         new = [s.all_ids[self.sent[s.id]:] for s in seqs]
-        specs = self.drafter.respond(outcomes, new)
+        specs = self._guarded(lambda d: d.respond, outcomes, new)
+        if specs is None:  # the worker failed: ask the local drafter, which has no outcomes yet
+            outcomes = [None] * len(seqs)
+            specs = self.drafter.respond(outcomes, new)
         for s in seqs:
             self.sent[s.id] = len(s.all_ids)
         self.drafter.build_tree()  # in a worker this overlaps the verification below

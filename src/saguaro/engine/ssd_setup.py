@@ -1,0 +1,66 @@
+"""Putting an SSD engine together: fan-out, the worker process and its cores, the local fallback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from saguaro.engine.speculative import load_draft
+from saguaro.engine.ssd import LocalDrafter, SSDEngine
+from saguaro.loader import resolve_checkpoint
+from saguaro.ssd.drafter import SSDDrafter
+from saguaro.ssd.fanout import geometric_fanout, uniform_fanout
+from saguaro.ssd.worker import RemoteDrafter, WorkerError, pin
+
+log = logging.getLogger(__name__)
+
+PRIOR_ACCEPTANCE = 0.6  # a_p before anything is measured
+PRIOR_R = 0.5  # power-law exponent of misses vs fan-out
+
+
+def available_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_batch_size, fanout_budget: int = 0,
+                    fanout: str = "geometric", acceptance: float = PRIOR_ACCEPTANCE, r: float = PRIOR_R,
+                    saguaro_c: float = 1.0, fallback: str = "neural", worker: bool = True,
+                    draft_cores: list[int] | None = None, worker_timeout: float = 60.0) -> SSDEngine:
+    budget = fanout_budget or 3 * (k + 1)
+    shape = geometric_fanout(budget, k, acceptance, r) if fanout == "geometric" else uniform_fanout(budget, k)
+    if fallback == "auto":
+        fallback = "neural"  # at batch 1 just-in-time neural drafting wins (see ssd/speedup.py)
+    vocab = target.config.vocab_size
+
+    def local() -> LocalDrafter:  # the SD fallback, also used when no worker is wanted
+        return LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, [0] * (k + 1),
+                                       c=saguaro_c, fallback="neural"))
+
+    drafter = None
+    degraded = None
+    device = str(target.device)
+    if worker:
+        cores = available_cores()
+        draft_cores = draft_cores or (cores[-1:] if device == "cpu" and len(cores) > 1 else None)
+        head = json.loads((resolve_checkpoint(draft_path) / "config.json").read_text()).get("saguaro_output_token_ids")
+        try:
+            drafter = RemoteDrafter(target_path, draft_path, k, shape, vocab, c=saguaro_c, fallback=fallback,
+                                    dtype=str(target.dtype).removeprefix("torch."), device=device,
+                                    cores=draft_cores, threads=1, timeout=worker_timeout,
+                                    head_ids=None if head is None else torch.tensor(head))
+            if draft_cores and device == "cpu":  # keep the target off the draft's cores
+                rest = [c for c in cores if c not in draft_cores]
+                pin(rest, len(rest))
+        except WorkerError as e:
+            log.warning("%s; running SSD's fallback (SD with a local draft) instead", e)
+            degraded = str(e)
+    if drafter is None:
+        drafter = LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, shape, c=saguaro_c,
+                                          fallback=fallback)) if not worker else local()
+    engine = SSDEngine(target, drafter, k, stop, max_batch_size, local_fallback=local if worker else None)
+    engine.degraded = degraded
+    engine.fanout = shape
+    return engine

@@ -1,0 +1,195 @@
+"""Typed messages between the engine and the draft worker, sent over torch.distributed.
+
+Every message travels as a fixed header [kind, #ints, #floats, #tensor elements] followed by
+one int64 tensor, one float64 tensor and (for speculations with q) one float32 tensor. Each
+message class says how it packs into those, so nothing is pickled and no integer on the wire
+goes unnamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+import torch.distributed as dist
+
+
+class Kind(IntEnum):
+    PREFILL = 1
+    RESPOND = 2
+    RETIRE = 3
+    SHUTDOWN = 4
+    SPECULATIONS = 5
+    READY = 6
+
+
+NO_OUTCOME = -1  # "this row has no outcome yet" (its first round after prefill)
+NO_SEED = -1
+
+
+def _ragged(lists: list[list[int]]) -> list[int]:
+    return [len(lists)] + [len(x) for x in lists] + [v for x in lists for v in x]
+
+
+def _unragged(ints: list[int], at: int) -> tuple[list[list[int]], int]:
+    n = ints[at]
+    lengths = ints[at + 1 : at + 1 + n]
+    at += 1 + n
+    out = []
+    for length in lengths:
+        out.append(ints[at : at + length])
+        at += length
+    return out, at
+
+
+@dataclass
+class Prefill:
+    seq_ids: list[int]
+    prompts: list[list[int]]
+    temperatures: list[float]
+    top_ps: list[float]
+    top_ks: list[int]
+    seeds: list[int | None]
+    kind = Kind.PREFILL
+
+    def pack(self):
+        seeds = [NO_SEED if s is None else s for s in self.seeds]
+        return self.seq_ids + seeds + self.top_ks + _ragged(self.prompts), self.temperatures + self.top_ps, None
+
+    @classmethod
+    def unpack(cls, ints, floats, tensor):
+        n = (len(floats)) // 2
+        seq_ids, seeds, top_ks = ints[:n], ints[n : 2 * n], ints[2 * n : 3 * n]
+        prompts, _ = _unragged(ints, 3 * n)
+        return cls(seq_ids, prompts, floats[:n], floats[n:], top_ks, [None if s == NO_SEED else s for s in seeds])
+
+
+@dataclass
+class Respond:
+    outcomes: list[tuple[int, int] | None]  # per row: (accepted, emitted token) of its last round
+    new_tokens: list[list[int]]  # per row: context tokens the worker has not seen
+    kind = Kind.RESPOND
+
+    def pack(self):
+        flat = [v for o in self.outcomes for v in ((NO_OUTCOME, NO_OUTCOME) if o is None else o)]
+        return [len(self.outcomes)] + flat + _ragged(self.new_tokens), [], None
+
+    @classmethod
+    def unpack(cls, ints, floats, tensor):
+        n = ints[0]
+        pairs = [tuple(ints[1 + 2 * i : 3 + 2 * i]) for i in range(n)]
+        rows, _ = _unragged(ints, 1 + 2 * n)
+        return cls([None if p[0] == NO_OUTCOME else p for p in pairs], rows)
+
+
+@dataclass
+class Retire:
+    keep: list[int]
+    kind = Kind.RETIRE
+
+    def pack(self):
+        return list(self.keep), [], None
+
+    @classmethod
+    def unpack(cls, ints, floats, tensor):
+        return cls(ints)
+
+
+@dataclass
+class Shutdown:
+    kind = Kind.SHUTDOWN
+
+    def pack(self):
+        return [], [], None
+
+    @classmethod
+    def unpack(cls, ints, floats, tensor):
+        return cls()
+
+
+@dataclass
+class Ready:
+    """The worker has loaded its draft; `k` and the draft's output vocabulary confirm the setup."""
+
+    k: int
+    head_vocab: int
+    kind = Kind.READY
+
+    def pack(self):
+        return [self.k, self.head_vocab], [], None
+
+    @classmethod
+    def unpack(cls, ints, floats, tensor):
+        return cls(ints[0], ints[1])
+
+
+@dataclass
+class Speculations:
+    """Each row's next K tokens, whether they came from the cache, and q where rows sample.
+
+    q travels over the draft head's vocabulary ([rows, K, head_vocab]); greedy rows send none.
+    """
+
+    tokens: list[list[int]]
+    hits: list[bool]
+    sampled_rows: list[int] = field(default_factory=list)
+    q: torch.Tensor | None = None  # [len(sampled_rows), K, head_vocab]
+    kind = Kind.SPECULATIONS
+
+    def pack(self):
+        k = len(self.tokens[0]) if self.tokens else 0
+        ints = [len(self.tokens), k] + [t for row in self.tokens for t in row] + [int(h) for h in self.hits]
+        return ints + self.sampled_rows, [], self.q
+
+    @classmethod
+    def unpack(cls, ints, floats, tensor):
+        n, k = ints[0], ints[1]
+        body = ints[2 : 2 + n * k]
+        tokens = [body[i * k : (i + 1) * k] for i in range(n)]
+        hits = [bool(h) for h in ints[2 + n * k : 2 + n * k + n]]
+        return cls(tokens, hits, ints[2 + n * k + n :], tensor)
+
+
+MESSAGES = {m.kind: m for m in (Prefill, Respond, Retire, Shutdown, Ready, Speculations)}
+
+
+TENSOR_DTYPES = [torch.float32, torch.float64]  # q travels in the draft's own precision
+HEADER = 10  # kind, #ints, #floats, #tensor elements, tensor ndim, tensor dtype index, shape (4)
+
+
+def send(message, dst: int) -> None:
+    ints, floats, tensor = message.pack()
+    numel = 0 if tensor is None else tensor.numel()
+    shape = [] if tensor is None else list(tensor.shape)
+    dtype = 0 if tensor is None or tensor.dtype != torch.float64 else 1
+    header = torch.tensor([int(message.kind), len(ints), len(floats), numel, len(shape), dtype]
+                          + shape + [0] * (4 - len(shape)), dtype=torch.int64)
+    dist.send(header, dst)
+    if ints:
+        dist.send(torch.tensor(ints, dtype=torch.int64), dst)
+    if floats:
+        dist.send(torch.tensor(floats, dtype=torch.float64), dst)
+    if numel:
+        dist.send(tensor.detach().to(TENSOR_DTYPES[dtype]).contiguous(), dst)
+
+
+def recv(src: int):
+    header = torch.zeros(HEADER, dtype=torch.int64)
+    dist.recv(header, src)
+    kind, n_ints, n_floats, numel, ndim, dtype = header[:6].tolist()
+    shape = header[6 : 6 + ndim].tolist()
+    ints = floats = []
+    tensor = None
+    if n_ints:
+        buf = torch.zeros(n_ints, dtype=torch.int64)
+        dist.recv(buf, src)
+        ints = buf.tolist()
+    if n_floats:
+        buf = torch.zeros(n_floats, dtype=torch.float64)
+        dist.recv(buf, src)
+        floats = buf.tolist()
+    if numel:
+        tensor = torch.zeros(shape, dtype=TENSOR_DTYPES[dtype])
+        dist.recv(tensor, src)
+    return MESSAGES[Kind(kind)].unpack(ints, floats, tensor)

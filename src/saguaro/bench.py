@@ -29,7 +29,9 @@ def parse_mode(spec: str) -> tuple[str, str | None]:
         return "sd", None
     if spec == "sd-ngram":
         return "sd", "ngram"
-    raise ValueError(f"unknown bench mode {spec!r}; choose from ar, sd, sd-ngram")
+    if spec == "ssd":
+        return "ssd", None
+    raise ValueError(f"unknown bench mode {spec!r}; choose from ar, sd, sd-ngram, ssd")
 
 
 def run_one(engine, prompt_ids: list[int], params: SamplingParams) -> dict:
@@ -55,6 +57,9 @@ def summarize(rows: list[dict]) -> dict:
         "ms_per_token_max": max(per_token) if per_token else None,
     }
     rounds = sum(r.get("rounds", 0) for r in rows)
+    hit_rates = [r["cache_hit_rate"] for r in rows if r.get("cache_hit_rate") is not None]
+    if hit_rates:
+        out["cache_hit_rate"] = statistics.mean(hit_rates)
     if rounds:
         accepted = sum(r["accepted_tokens"] for r in rows)
         drafted = sum(r["drafted_tokens"] for r in rows)
@@ -68,11 +73,11 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def bench(llm, modes: list[str], datasets: list[str], num_prompts: int, max_tokens: int,
-          temperature: float = 0.0, k: int = 4, draft: str | None = None, seed: int = 0) -> dict:
+          temperature: float = 0.0, k: int = 4, draft: str | None = None, seed: int = 0, **ssd_options) -> dict:
     engines = {}
     for spec in modes:
         mode, spec_draft = parse_mode(spec)
-        engines[spec] = llm.make_engine(mode, spec_draft or draft, k)
+        engines[spec] = llm.make_engine(mode, spec_draft or draft, k, **(ssd_options if mode == "ssd" else {}))
     prompts = {d: [llm.tokenizer.encode_chat([{"role": "user", "content": p}])
                    for p in load_prompts(d, "eval")[:num_prompts]] for d in datasets}
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
@@ -113,7 +118,7 @@ def bench(llm, modes: list[str], datasets: list[str], num_prompts: int, max_toke
 
 def format_table(report: dict) -> str:
     lines = [f"{'dataset':10} {'mode':9} {'tok/s':>7} {'ms/tok':>7} {'accept':>7} {'acc.len':>7} "
-             f"{'vs AR':>6} {'vs SD':>6} {'same':>5}"]
+             f"{'hit':>5} {'vs AR':>6} {'vs SD':>6} {'same':>5}"]
     for d, modes in report["results"].items():
         for m, r in modes.items():
             def f(key, fmt):
@@ -121,7 +126,7 @@ def format_table(report: dict) -> str:
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool)
                 return format(v, fmt) if ok else "-".rjust(int(fmt.split(".")[0]))
             lines.append(f"{d:10} {m:9} {f('tokens_per_s', '7.2f')} {f('ms_per_token_median', '7.1f')} "
-                         f"{f('acceptance_rate', '7.2f')} {f('mean_accepted', '7.2f')} "
+                         f"{f('acceptance_rate', '7.2f')} {f('mean_accepted', '7.2f')} {f('cache_hit_rate', '5.2f')} "
                          f"{f('speedup_vs_ar', '6.2f')} {f('speedup_vs_sd', '6.2f')} "
                          f"{str(r.get('identical_to_ar', '-')):>5}")
     return "\n".join(lines)

@@ -26,13 +26,21 @@ def _positive_int(text: str) -> int:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["ar", "sd"], default="ar", help="decoding mode (default: ar)")
+    p.add_argument("--mode", choices=["ar", "sd", "ssd"], default="ar", help="decoding mode (default: ar)")
     p.add_argument("--target", help="target checkpoint: HF directory or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--draft", help="draft checkpoint, or 'ngram' (default: the embedded distilled draft)")
     p.add_argument("--k", type=_positive_int, default=4, help="draft tokens per round (default: 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=_positive_int, help="torch threads for the target")
+    s = p.add_argument_group("ssd")
+    s.add_argument("--fanout-budget", type=_positive_int, help="branches pre-drafted per round (default: 3(K+1))")
+    s.add_argument("--fanout", choices=["geometric", "uniform"], default="geometric")
+    s.add_argument("--acceptance", type=float, default=0.6, help="a_p used to shape the fan-out")
+    s.add_argument("--power-r", type=float, default=0.5, help="miss-rate exponent r used to shape the fan-out")
+    s.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling C in [0, 1] (1 = plain)")
+    s.add_argument("--fallback", choices=["auto", "neural", "ngram"], default="auto", help="on a cache miss")
+    s.add_argument("--no-worker", action="store_true", help="run the drafter in this process (no overlap)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,11 +62,21 @@ def sampling_params(args):
         raise UsageError(str(e)) from None
 
 
+def ssd_options(args) -> dict:
+    if not 0 <= args.saguaro_c <= 1:
+        raise UsageError(f"--saguaro-c must be in [0, 1], got {args.saguaro_c}")
+    if not 0 < args.acceptance < 1:
+        raise UsageError(f"--acceptance must be in (0, 1), got {args.acceptance}")
+    return dict(fanout_budget=args.fanout_budget or 0, fanout=args.fanout, acceptance=args.acceptance,
+                r=args.power_r, saguaro_c=args.saguaro_c, fallback=args.fallback, worker=not args.no_worker)
+
+
 def make_llm(args):
     from saguaro.llm import LLM
 
+    ssd = ssd_options(args) if args.mode == "ssd" else {}
     return LLM(args.target, mode=args.mode, draft=args.draft, k=args.k, dtype=args.dtype,
-               device=args.device, threads=args.threads)
+               device=args.device, threads=args.threads, **ssd)
 
 
 def cmd_generate(args) -> None:
@@ -108,7 +126,7 @@ def cmd_bench(args) -> None:
         bench.parse_mode(m)
     with make_llm(llm_args) as llm:
         report = bench.bench(llm, modes, args.datasets.split(","), args.num_prompts, args.max_tokens,
-                             args.temperature, args.k, args.draft, args.seed)
+                             args.temperature, args.k, args.draft, args.seed, **ssd_options(args))
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
@@ -137,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="write the full report here")
     b.set_defaults(func=cmd_bench)
+
+    w = sub.add_parser("draft-worker", help="run an SSD draft worker (normally spawned by the engine)")
+    from saguaro.ssd.worker import worker_parser
+
+    worker_parser(w)
+    w.set_defaults(func=lambda a: __import__("saguaro.ssd.worker", fromlist=["serve"]).serve(a))
 
     d = sub.add_parser("distill", help="distill a small draft model from a target")
     d.add_argument("--target", help="target checkpoint (default: embedded SmolLM2-135M)")

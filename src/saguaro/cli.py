@@ -111,6 +111,7 @@ def cmd_distill(args) -> None:
         layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
         head_vocab=args.head_vocab, phase=args.phase,
         work_dir=Path(args.work_dir) if args.work_dir else None, lr=args.lr,
+        init_from=Path(args.init_from) if args.init_from else None,
     )
     report = run_distill(opts)
     if report:
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--phase", choices=["all", "teacher", "train", "eval"], default="all")
     d.add_argument("--work-dir", help="teacher data and training state (default: under ~/.cache/saguaro)")
     d.add_argument("--lr", type=float, default=5e-4)
+    d.add_argument("--init-from", help="start from this draft checkpoint's weights (when no training state exists)")
     d.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default: 1)")
     d.set_defaults(func=cmd_distill)
     return parser

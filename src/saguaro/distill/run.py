@@ -45,6 +45,7 @@ class DistillOptions:
     lr: float = 5e-4
     batch_size: int = 8
     eval_every: int = 200
+    init_from: Path | None = None
 
 
 def _work_dir(opts: DistillOptions) -> Path:
@@ -90,7 +91,13 @@ def evaluate(draft, shards: dict[str, dict]) -> dict[str, dict]:
 
 
 def make_draft(opts, target, tokenizer, state_dir: Path):
+    """A fresh draft from target layers, or a copy of `opts.init_from` (trained further, fp32)."""
     vocab_file = state_dir / "output_vocab.json"
+    if opts.init_from is not None:
+        draft = load_model(opts.init_from, embeddings_from=target)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        vocab_file.write_text(json.dumps(draft.config.output_token_ids))
+        return draft
     if vocab_file.is_file():
         output_ids = json.loads(vocab_file.read_text())
     else:
@@ -119,6 +126,11 @@ def run_distill(opts: DistillOptions) -> dict:
     trainer = Trainer(draft, data_dir, state_dir, opts.seed, lr=opts.lr, batch_size=opts.batch_size)
     if trainer.load_state():
         log.info("resumed at step %d (%d tokens)", trainer.step, trainer.tokens_seen)
+    elif opts.init_from is not None:
+        meta = json.loads((Path(opts.init_from) / "config.json").read_text()).get("saguaro_distill", {})
+        trainer.step, trainer.tokens_seen = meta.get("step", 0), meta.get("tokens_seen", 0)
+        trainer.warmup_from = trainer.step
+        log.info("starting from %s at step %d (%d tokens)", opts.init_from, trainer.step, trainer.tokens_seen)
     bar = tqdm(total=opts.tokens, initial=trainer.tokens_seen, unit="tok", desc="distill")
     report: dict = {}
 

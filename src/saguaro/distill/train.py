@@ -71,6 +71,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
         self.index = target_to_draft_index(draft.output_token_ids, draft.config.vocab_size)
         self.step, self.tokens_seen = 0, 0
+        self.warmup_from = 0  # fresh optimizer moments warm up again from this step
         self._shards: list[dict[str, torch.Tensor]] = []
         self._shard_files: list[Path] = []
 
@@ -127,7 +128,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train_step(self) -> float:
         tokens, ids, logits, weight = make_batch(self._shards, self.next_rows(), self.max_len)
-        lr = self.lr * min(1.0, (self.step + 1) / self.warmup)
+        lr = self.lr * min(1.0, (self.step + 1 - self.warmup_from) / self.warmup)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.draft.train()

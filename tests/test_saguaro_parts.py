@@ -106,3 +106,50 @@ def test_switch_batch_is_where_ngram_overtakes_neural():
     # a backup as accurate as the draft and faster wins at once; a neural backup as fast never loses
     assert fallback_switch_batch(**{**kw, "tokens_ngram": kw["tokens_neural"]}) == 1
     assert fallback_switch_batch(**{**kw, "t_neural": kw["t_ngram"]}, max_batch=64) is None
+
+
+def test_fit_power_law_recovers_r():
+    from saguaro.ssd.online import fit_power_law
+
+    for r in (0.3, 0.8, 1.5):
+        lookups = {f: 100_000 for f in (2, 4, 8, 16)}
+        hits = {f: round(n * (1 - f**-r)) for f, n in lookups.items()}
+        assert fit_power_law(lookups, hits) == pytest.approx(r, rel=0.02)
+    assert fit_power_law({1: 10}, {1: 5}) is None  # F = 1 says nothing about the slope
+
+
+def test_fit_acceptance_shrinks_to_prior():
+    from saguaro.ssd.online import fit_acceptance
+
+    assert fit_acceptance(0, 0, 0.6) == pytest.approx(0.6)
+    assert fit_acceptance(300, 1000, 0.6) == pytest.approx(0.3, abs=0.01)
+
+
+def test_choose_fallback_follows_b_star():
+    from saguaro.ssd.online import FallbackCosts, choose_fallback
+
+    costs = FallbackCosts(p_hit=0.9, tokens_hit=expected_tokens(0.7, 4), t_primary=0.5,
+                          tokens_neural=expected_tokens(0.7, 4), t_neural=0.4,
+                          tokens_ngram=expected_tokens(0.3, 4), t_ngram=0.01)
+    b_star = fallback_switch_batch(**vars(costs))
+    assert b_star is not None and b_star > 1
+    assert choose_fallback(b_star - 1, costs) == "neural"
+    assert choose_fallback(b_star, costs) == "ngram"
+
+
+def test_policy_refits_fanout_towards_observed_acceptance():
+    from saguaro.ssd.online import SaguaroPolicy
+
+    k, budget = 3, 16
+    policy = SaguaroPolicy(k, budget, acceptance=0.9, r=0.5, refit_every=4)
+    prior = list(policy.fanout)
+    for _ in range(40):  # a draft that is almost always rejected at once
+        policy.observe(0, k, 0, False, "neural", policy.fanout)
+        policy.observe_times(0.1, 0.05, 0.01, "neural", 1)
+    assert sum(policy.fanout) == budget
+    assert policy.fanout[0] > prior[0]  # outcome k=0 is the likely one: it gets more branches
+    fixed = SaguaroPolicy(k, budget, acceptance=0.9, r=0.5, fit=False, refit_every=4)
+    for _ in range(40):
+        fixed.observe(0, k, 0, False, "neural", fixed.fanout)
+        fixed.observe_times(0.1, 0.05, 0.01, "neural", 1)
+    assert fixed.fanout == prior

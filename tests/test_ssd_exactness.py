@@ -11,6 +11,7 @@ from saguaro.engine.ssd import LocalDrafter, SSDEngine
 from saguaro.sampling import SamplingParams
 from saguaro.ssd.drafter import SSDDrafter
 from saguaro.ssd.fanout import geometric_fanout
+from saguaro.ssd.online import SaguaroPolicy
 from tests.test_sd_exactness import (N_SAMPLES, SMALL_VOCAB, STOP, VOCAB, chi2_pvalue, exact_joint, prompts, run)
 from tests.tiny import perturbed, tiny_model
 
@@ -20,7 +21,7 @@ def ssd_engine(target, draft, k, fanout, fallback="neural", c=1.0, vocab=VOCAB, 
     return SSDEngine(target, LocalDrafter(drafter), k, STOP if vocab == VOCAB else set(), max_batch_size=max_batch)
 
 
-@pytest.mark.parametrize("fallback", ["neural", "ngram"])
+@pytest.mark.parametrize("fallback", ["neural", "ngram", "none"])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("forced_miss", [False, True])
 def test_greedy_ssd_equals_ar(fallback, batch, forced_miss):
@@ -43,10 +44,34 @@ def test_greedy_ssd_equals_ar(fallback, batch, forced_miss):
         assert hits > lookups / 2  # a close draft with fan-out mostly hits
 
 
-def ssd_samples(target, draft, prompt, temperature, k, fanout, c, fallback="neural"):
+def policy_engine(target, draft, k, fallback, c=1.0, vocab=VOCAB, max_batch=64):
+    """An engine whose fan-out is refitted every 2 rounds and whose fallback may change per round."""
+    policy = SaguaroPolicy(k, 3 * (k + 1), 0.6, 0.5, fallback=fallback, fit=True, refit_every=2)
+    drafter = SSDDrafter(draft, vocab, k, policy.fanout, c=c)
+    stop = STOP if vocab == VOCAB else set()
+    return SSDEngine(target, LocalDrafter(drafter), k, stop, max_batch_size=max_batch, policy=policy)
+
+
+@pytest.mark.parametrize("fallback", ["auto", "none"])
+def test_greedy_ssd_with_online_policy_equals_ar(fallback):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    for seed, k in itertools.product(range(2), (2, 4)):
+        target = tiny_model(seed, VOCAB)
+        draft = perturbed(target, seed, 0.3)
+        ps = prompts(seed * 10 + k, 4)
+        want, _ = run(AREngine(target, STOP), ps, params)
+        engine = policy_engine(target, draft, k, fallback)
+        got, _ = run(engine, ps, params)
+        assert got == want, (seed, k)
+        assert engine.policy.rounds > 2 and sum(engine.policy.lookups.values()) > 0
+
+
+def ssd_samples(target, draft, prompt, temperature, k, fanout, c, fallback="neural", policy=False):
     seqs = [Sequence(list(prompt), SamplingParams(temperature=temperature, max_tokens=3, seed=i))
             for i in range(N_SAMPLES)]
-    ssd_engine(target, draft, k, fanout, fallback, c, SMALL_VOCAB, N_SAMPLES).run(seqs)
+    engine = (policy_engine(target, draft, k, fallback, c, SMALL_VOCAB, N_SAMPLES) if policy
+              else ssd_engine(target, draft, k, fanout, fallback, c, SMALL_VOCAB, N_SAMPLES))
+    engine.run(seqs)
     return [tuple(s.output_ids) for s in seqs], seqs
 
 
@@ -66,6 +91,19 @@ def test_sampled_ssd_follows_target_distribution(temperature, c, fanout):
     assert chi2_pvalue(samples, exact_joint(target, prompt, temperature)) > 0.01
     hits = sum(s.stats.cache_hits for s in seqs)
     assert (hits == 0) if fanout == [0, 0, 0] else (hits > 0)
+
+
+@pytest.mark.parametrize("fallback", ["ngram", "none"])
+def test_sampled_ssd_with_other_fallbacks_follows_target_distribution(fallback):
+    target, draft, prompt = stat_setup()
+    samples, _ = ssd_samples(target, draft, prompt, 1.0, 2, [1, 1, 1], 0.5, fallback)
+    assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) > 0.01
+
+
+def test_sampled_ssd_with_online_policy_follows_target_distribution():
+    target, draft, prompt = stat_setup()
+    samples, _ = ssd_samples(target, draft, prompt, 0.7, 2, None, 0.5, "auto", policy=True)
+    assert chi2_pvalue(samples, exact_joint(target, prompt, 0.7)) > 0.01
 
 
 class DrafterIgnoringC(SSDDrafter):

@@ -1,7 +1,10 @@
 """`saguaro bench`: decoding modes side by side on the same prompts, in one process run.
 
-Modes run interleaved prompt by prompt (the order rotates), so machine drift hits all alike;
-one warm-up generation per mode is excluded. Speedups are ratios of totals from this run.
+Modes: ar, sd (our distilled draft), sd-ngram (prompt lookup), ssd (Saguaro, draft worker), hf
+(transformers `generate`) and hf-assisted (transformers with our draft as assistant; see bench_hf).
+Prompts are grouped into batches of --batch-size, each batch one `engine.run` (one `generate`
+for hf). Modes run interleaved batch by batch (the order rotates), so machine drift hits all
+alike; one warm-up generation per mode is excluded. Speedups are ratios of totals from this run.
 """
 
 from __future__ import annotations
@@ -20,115 +23,189 @@ from saguaro.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
+MODES = ("ar", "sd", "sd-ngram", "ssd", "hf", "hf-assisted")
+HF_MODES = ("hf", "hf-assisted")
+
 
 def parse_mode(spec: str) -> tuple[str, str | None]:
-    """'ar' | 'sd' (default draft) | 'sd-ngram' -> (engine mode, draft)."""
-    if spec == "ar":
-        return "ar", None
-    if spec == "sd":
-        return "sd", None
+    """A bench mode -> (engine mode, draft): 'sd-ngram' is SD with the n-gram speculator."""
+    if spec not in MODES:
+        raise ValueError(f"unknown bench mode {spec!r}; choose from {', '.join(MODES)}")
     if spec == "sd-ngram":
         return "sd", "ngram"
-    if spec == "ssd":
-        return "ssd", None
-    raise ValueError(f"unknown bench mode {spec!r}; choose from ar, sd, sd-ngram, ssd")
+    return spec, None
 
 
-def run_one(engine, prompt_ids: list[int], params: SamplingParams) -> dict:
-    seq = Sequence(list(prompt_ids), params)
+class EngineRunner:
+    """One of our engines; a batch is one `engine.run` call."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
+        seqs = [Sequence(list(p), sp) for p, sp in zip(prompts, params)]
+        self.engine.run(seqs)
+        return [dict(s.metrics(), output_ids=list(s.output_ids)) for s in seqs]
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class HFBenchRunner:
+    """bench_hf.HFRunner with our per-sequence metric names (only token counts: HF reports no rounds)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
+        outs = self.runner.generate(prompts, params)
+        return [{"generated_tokens": len(o), "output_ids": o} for o in outs]
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def make_runners(llm, modes: list[str], k: int, draft, ssd_options: dict) -> dict:
+    runners = {}
+    hf_target = None
+    for spec in modes:
+        mode, spec_draft = parse_mode(spec)
+        if mode in HF_MODES:
+            from saguaro import bench_hf
+            from saguaro.embedded import embedded_draft_path
+
+            hf_target = hf_target or bench_hf.load_hf_target(llm.target_path)
+            assistant = None
+            if mode == "hf-assisted":
+                draft_path = draft if draft not in (None, "ngram") else embedded_draft_path()
+                assistant = bench_hf.draft_as_hf_assistant(draft_path, hf_target, k)
+            runners[spec] = HFBenchRunner(bench_hf.HFRunner(hf_target, llm.tokenizer.stop_token_ids, assistant))
+        else:
+            options = ssd_options if mode == "ssd" else {}
+            runners[spec] = EngineRunner(llm.make_engine(mode, spec_draft or draft, k, **options))
+    return runners
+
+
+def run_batch(runner, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
     t = time.perf_counter()
-    engine.run([seq])
-    m = seq.metrics()
-    m["wall_s"] = time.perf_counter() - t
-    m["output_ids"] = seq.output_ids
-    return m
+    seqs = runner.generate(prompts, params)
+    wall = time.perf_counter() - t
+    return {"wall_s": wall, "tokens": sum(s["generated_tokens"] for s in seqs), "seqs": seqs}
 
 
-def summarize(rows: list[dict]) -> dict:
-    tokens = sum(r["generated_tokens"] for r in rows)
-    wall = sum(r["wall_s"] for r in rows)
-    per_token = [1000 * r["wall_s"] / r["generated_tokens"] for r in rows if r["generated_tokens"]]
+def _weighted_mean(seqs: list[dict], key: str, weight: str = "rounds") -> float | None:
+    pairs = [(s[key], s.get(weight, 1)) for s in seqs if s.get(key) is not None]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def summarize(batches: list[dict]) -> dict:
+    """Totals and spreads of one mode on one dataset. ms/token of a batch is its wall time per
+    generated token (for batch size 1: the request's latency per token)."""
+    seqs = [s for b in batches for s in b["seqs"]]
+    tokens = sum(b["tokens"] for b in batches)
+    wall = sum(b["wall_s"] for b in batches)
+    per_token = [1000 * b["wall_s"] / b["tokens"] for b in batches if b["tokens"]]
     out = {
-        "prompts": len(rows),
+        "prompts": len(seqs),
+        "batches": len(batches),
         "tokens": tokens,
+        "wall_s": wall,
         "tokens_per_s": tokens / wall if wall else 0.0,
         "ms_per_token_median": statistics.median(per_token) if per_token else None,
         "ms_per_token_min": min(per_token) if per_token else None,
         "ms_per_token_max": max(per_token) if per_token else None,
+        "ms_per_token_stdev": statistics.stdev(per_token) if len(per_token) > 1 else 0.0,
     }
-    rounds = sum(r.get("rounds", 0) for r in rows)
-    hit_rates = [r["cache_hit_rate"] for r in rows if r.get("cache_hit_rate") is not None]
-    if hit_rates:
-        out["cache_hit_rate"] = statistics.mean(hit_rates)
+    rounds = sum(s.get("rounds", 0) for s in seqs)
     if rounds:
-        accepted = sum(r["accepted_tokens"] for r in rows)
-        drafted = sum(r["drafted_tokens"] for r in rows)
-        out.update(
-            mean_accepted=accepted / rounds,
-            acceptance_rate=accepted / drafted if drafted else 0.0,
-            draft_s=sum(r["draft_s"] for r in rows),
-            verify_s=sum(r["verify_s"] for r in rows),
-        )
+        accepted = sum(s["accepted_tokens"] for s in seqs)
+        drafted = sum(s["drafted_tokens"] for s in seqs)
+        out.update(rounds=rounds, mean_accepted=accepted / rounds,
+                   acceptance_rate=accepted / drafted if drafted else 0.0,
+                   draft_s=sum(s["draft_s"] for s in seqs), verify_s=sum(s["verify_s"] for s in seqs))
+    for key in ("cache_hit_rate", "draft_hidden_fraction"):  # SSD only (the latter when the engine reports it)
+        value = _weighted_mean(seqs, key)
+        if value is not None:
+            out[key] = value
     return out
 
 
+def add_ratios(results: dict, raw: dict, modes: list[str], greedy: bool) -> None:
+    """Speedups vs AR and SD, and (greedy) whether each mode's outputs equal AR's, prompt by prompt."""
+    base, sd = results.get("ar"), results.get("sd")
+    for m, r in results.items():
+        if base and base["tokens_per_s"]:
+            r["speedup_vs_ar"] = r["tokens_per_s"] / base["tokens_per_s"]
+        if sd and sd["tokens_per_s"]:
+            r["speedup_vs_sd"] = r["tokens_per_s"] / sd["tokens_per_s"]
+    if not greedy or "ar" not in modes:
+        return
+    want = [s["output_ids"] for b in raw["ar"] for s in b["seqs"]]
+    for m in modes:
+        got = [s["output_ids"] for b in raw[m] for s in b["seqs"]]
+        same = sum(a == b for a, b in zip(want, got))
+        results[m]["identical_to_ar"] = same == len(want)
+        results[m]["identical_prompts"] = same
+        if same < len(want):  # reported, not asserted: float rounding may flip a near-tie
+            log.warning("%s: %d of %d greedy outputs differ from ar", m, len(want) - same, len(want))
+
+
 def bench(llm, modes: list[str], datasets: list[str], num_prompts: int, max_tokens: int,
-          temperature: float = 0.0, k: int = 4, draft: str | None = None, seed: int = 0, **ssd_options) -> dict:
-    engines = {}
-    for spec in modes:
-        mode, spec_draft = parse_mode(spec)
-        engines[spec] = llm.make_engine(mode, spec_draft or draft, k, **(ssd_options if mode == "ssd" else {}))
+          temperature: float = 0.0, k: int = 4, draft: str | None = None, seed: int = 0, batch_size: int = 1,
+          **ssd_options) -> dict:
+    runners = make_runners(llm, modes, k, draft, ssd_options)
     prompts = {d: [llm.tokenizer.encode_chat([{"role": "user", "content": p}])
                    for p in load_prompts(d, "eval")[:num_prompts]] for d in datasets}
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
-    warm = SamplingParams(temperature=temperature, max_tokens=4, seed=seed)
-    for spec, engine in engines.items():
-        run_one(engine, prompts[datasets[0]][0], warm)
+    batches = {d: [list(range(i, min(i + batch_size, len(prompts[d]))))
+                   for i in range(0, len(prompts[d]), batch_size)] for d in datasets}
+
+    def params(i: int, tokens: int = max_tokens) -> SamplingParams:  # prompt i draws the same seed in every mode
+        return SamplingParams(temperature=temperature, max_tokens=tokens, seed=seed + i)
+
+    first = batches[datasets[0]][0]
+    for runner in runners.values():  # warm-up, excluded
+        run_batch(runner, [prompts[datasets[0]][i] for i in first], [params(i, 4) for i in first])
     raw = {d: {m: [] for m in modes} for d in datasets}
-    total = sum(len(p) for p in prompts.values()) * len(modes)
-    with tqdm(total=total, desc="bench", unit="gen") as bar:
-        for d in datasets:
-            for i, ids in enumerate(prompts[d]):
-                order = modes[i % len(modes):] + modes[: i % len(modes)]
-                for spec in order:
-                    raw[d][spec].append(run_one(engines[spec], ids, params))
-                    bar.update(1)
+    total = sum(len(b) for b in batches.values()) * len(modes)
+    try:
+        with tqdm(total=total, desc="bench", unit="batch") as bar:
+            for d in datasets:
+                for j, idx in enumerate(batches[d]):
+                    order = modes[j % len(modes):] + modes[: j % len(modes)]
+                    for spec in order:
+                        raw[d][spec].append(run_batch(runners[spec], [prompts[d][i] for i in idx],
+                                                      [params(i) for i in idx]))
+                        bar.update(1)
+    finally:
+        for runner in runners.values():
+            runner.close()
     results = {}
     for d in datasets:
         results[d] = {m: summarize(raw[d][m]) for m in modes}
-        base = results[d].get("ar")
-        sd = results[d].get("sd")
-        for m, r in results[d].items():
-            if base:
-                r["speedup_vs_ar"] = r["tokens_per_s"] / base["tokens_per_s"]
-            if sd:
-                r["speedup_vs_sd"] = r["tokens_per_s"] / sd["tokens_per_s"]
-        if temperature == 0 and "ar" in modes:  # exactness check for free: greedy outputs must agree
-            for m in modes:
-                same = all(a["output_ids"] == b["output_ids"] for a, b in zip(raw[d]["ar"], raw[d][m]))
-                results[d][m]["identical_to_ar"] = same
-    for engine in engines.values():
-        engine.close()
+        add_ratios(results[d], raw[d], modes, temperature == 0)
     return {
         "config": {"modes": modes, "datasets": datasets, "num_prompts": num_prompts, "max_tokens": max_tokens,
-                   "temperature": temperature, "k": k, "threads": torch.get_num_threads()},
+                   "temperature": temperature, "k": k, "batch_size": batch_size, "seed": seed,
+                   "threads": torch.get_num_threads(),
+                   "ssd": {key: v for key, v in ssd_options.items()} if "ssd" in modes else None},
         "results": results,
     }
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'dataset':10} {'mode':9} {'tok/s':>7} {'ms/tok':>7} {'accept':>7} {'acc.len':>7} "
-             f"{'hit':>5} {'vs AR':>6} {'vs SD':>6} {'same':>5}"]
+    lines = [f"{'dataset':10} {'mode':11} {'tok/s':>7} {'ms/tok':>7} {'accept':>7} {'acc.len':>7} "
+             f"{'hit':>5} {'hidden':>6} {'vs AR':>6} {'vs SD':>6} {'same':>5}"]
     for d, modes in report["results"].items():
         for m, r in modes.items():
             def f(key, fmt):
                 v = r.get(key)
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool)
                 return format(v, fmt) if ok else "-".rjust(int(fmt.split(".")[0]))
-            lines.append(f"{d:10} {m:9} {f('tokens_per_s', '7.2f')} {f('ms_per_token_median', '7.1f')} "
+            lines.append(f"{d:10} {m:11} {f('tokens_per_s', '7.2f')} {f('ms_per_token_median', '7.1f')} "
                          f"{f('acceptance_rate', '7.2f')} {f('mean_accepted', '7.2f')} {f('cache_hit_rate', '5.2f')} "
-                         f"{f('speedup_vs_ar', '6.2f')} {f('speedup_vs_sd', '6.2f')} "
-                         f"{str(r.get('identical_to_ar', '-')):>5}")
+                         f"{f('draft_hidden_fraction', '6.2f')} {f('speedup_vs_ar', '6.2f')} "
+                         f"{f('speedup_vs_sd', '6.2f')} {str(r.get('identical_to_ar', '-')):>5}")
     return "\n".join(lines)
 
 

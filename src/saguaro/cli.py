@@ -36,10 +36,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("ssd")
     s.add_argument("--fanout-budget", type=_positive_int, help="branches pre-drafted per round (default: 3(K+1))")
     s.add_argument("--fanout", choices=["geometric", "uniform"], default="geometric")
-    s.add_argument("--acceptance", type=float, default=0.6, help="a_p used to shape the fan-out")
-    s.add_argument("--power-r", type=float, default=0.5, help="miss-rate exponent r used to shape the fan-out")
+    s.add_argument("--acceptance", type=float, default=0.6, help="prior a_p used to shape the fan-out")
+    s.add_argument("--power-r", type=float, default=0.5, help="prior miss-rate exponent r used to shape the fan-out")
+    s.add_argument("--fixed-fanout", action="store_true", help="keep a_p and r at the priors (no online fit)")
     s.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling C in [0, 1] (1 = plain)")
-    s.add_argument("--fallback", choices=["auto", "neural", "ngram"], default="auto", help="on a cache miss")
+    s.add_argument("--fallback", choices=["auto", "neural", "ngram", "none"], default="auto",
+                   help="on a cache miss: auto picks neural or ngram per round from measured costs (b*)")
     s.add_argument("--no-worker", action="store_true", help="run the drafter in this process (no overlap)")
 
 
@@ -68,7 +70,8 @@ def ssd_options(args) -> dict:
     if not 0 < args.acceptance < 1:
         raise UsageError(f"--acceptance must be in (0, 1), got {args.acceptance}")
     return dict(fanout_budget=args.fanout_budget or 0, fanout=args.fanout, acceptance=args.acceptance,
-                r=args.power_r, saguaro_c=args.saguaro_c, fallback=args.fallback, worker=not args.no_worker)
+                r=args.power_r, saguaro_c=args.saguaro_c, fallback=args.fallback, worker=not args.no_worker,
+                fit=not args.fixed_fanout)
 
 
 def make_llm(args):
@@ -122,15 +125,49 @@ def cmd_bench(args) -> None:
     from saguaro import bench
 
     llm_args = argparse.Namespace(**{**vars(args), "mode": "ar"})
+    if args.analysis:
+        cmd_analyses(args, llm_args)
+        return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         bench.parse_mode(m)
     with make_llm(llm_args) as llm:
         report = bench.bench(llm, modes, args.datasets.split(","), args.num_prompts, args.max_tokens,
-                             args.temperature, args.k, args.draft, args.seed, **ssd_options(args))
+                             args.temperature, args.k, args.draft, args.seed, args.batch_size, **ssd_options(args))
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
+    if args.plot:
+        from saguaro.bench_plot import plot_bench
+
+        plot_bench(report, args.plot)
+
+
+def cmd_analyses(args, llm_args) -> None:
+    from saguaro.analyses import options_from_args, resolve, run_analysis
+
+    names = resolve(args.analysis)
+    opts = options_from_args(args, ssd_options(args))
+    with make_llm(llm_args) as llm:
+        for name in names:
+            out = run_analysis(name, llm, opts)
+            print(f"{name}: {out['json']} {out['png']}")
+
+
+def cmd_serve(args) -> None:
+    from saguaro.serve.server import serve
+
+    with make_llm(args) as llm:
+        serve(llm, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
+              access_log=args.verbose)
+
+
+def cmd_chat(args) -> None:
+    from saguaro.chat import run_chat
+
+    params = sampling_params(args)
+    with make_llm(args) as llm:
+        run_chat(llm, params, show_metrics=args.metrics, system=args.system)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,13 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="compare decoding modes on the same prompts in one run")
     add_model_args(b)
-    b.add_argument("--modes", default="ar,sd", help="comma-separated: ar, sd, sd-ngram (default: ar,sd)")
+    b.add_argument("--modes", default="ar,sd",
+                   help="comma-separated: ar, sd, sd-ngram, ssd, hf, hf-assisted (default: ar,sd)")
     b.add_argument("--datasets", default="humaneval,sharegpt")
     b.add_argument("--num-prompts", type=_positive_int, default=4)
     b.add_argument("--max-tokens", type=_positive_int, default=64)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--batch-size", type=_positive_int, default=1, help="prompts per engine.run batch (default: 1)")
     b.add_argument("--json", help="write the full report here")
+    b.add_argument("--plot", help="write a bar chart of tokens/s per mode and dataset here (PNG)")
+    from saguaro.analyses import add_analysis_args
+
+    add_analysis_args(b)
     b.set_defaults(func=cmd_bench)
 
     w = sub.add_parser("draft-worker", help="run an SSD draft worker (normally spawned by the engine)")
@@ -177,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--init-from", help="start from this draft checkpoint's weights (when no training state exists)")
     d.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default: 1)")
     d.set_defaults(func=cmd_distill)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    sv.add_argument("--max-concurrency", type=_positive_int, default=256,
+                    help="requests in flight (running or queued) before new ones get 503 (default: 256)")
+    sv.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("chat", help="streaming chat in the terminal (reads stdin; /exit or EOF quits)")
+    add_model_args(c)
+    add_sampling_args(c)
+    c.add_argument("--system", help="a system message to start the conversation with")
+    c.add_argument("--metrics", action="store_true", help="after each reply: tokens/s, TTFT, acceptance, hit rate")
+    c.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -7,6 +7,7 @@ join and leave between rounds (continuous batching); each running sequence owns 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 import torch
@@ -52,6 +53,17 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         self.check(seq)
         self.waiting.append(seq)
+
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        """End a request between rounds (its client left, or a stop string appeared) and free its row."""
+        if seq.finished:
+            return
+        seq.finish_reason = reason
+        seq.finished_at = time.perf_counter()
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.retire()
 
     @property
     def lookahead(self) -> int:

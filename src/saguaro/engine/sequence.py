@@ -22,8 +22,11 @@ class RoundStats:
     accepted: int = 0  # draft tokens accepted
     cache_hits: int = 0
     cache_lookups: int = 0
-    draft_s: float = 0.0  # time in rounds this sequence took part in
+    accepted_on_hit: int = 0  # draft tokens accepted in rounds whose speculation was a cache hit
+    accepted_on_miss: int = 0
+    draft_s: float = 0.0  # time the engine waited for drafts, in rounds this sequence took part in
     verify_s: float = 0.0
+    draft_busy_s: float = 0.0  # SSD: time the drafter worked for those rounds (tree + fallback)
 
 
 @dataclass(eq=False)  # a request is itself: identity, not field-by-field equality
@@ -32,7 +35,7 @@ class Sequence:
     params: SamplingParams
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or "abort"
     generator: torch.Generator | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -104,5 +107,16 @@ class Sequence:
                 verify_s=s.verify_s,
             )
         if s.cache_lookups:
-            out["cache_hit_rate"] = s.cache_hits / s.cache_lookups
+            misses = s.cache_lookups - s.cache_hits
+            out.update(
+                cache_hit_rate=s.cache_hits / s.cache_lookups,
+                mean_accepted_on_hit=s.accepted_on_hit / s.cache_hits if s.cache_hits else None,
+                mean_accepted_on_miss=s.accepted_on_miss / misses if misses else None,
+            )
+        if s.draft_busy_s > 0:  # the share of the drafter's work the target's verification hid
+            out.update(
+                draft_busy_s=s.draft_busy_s,
+                draft_idle_s=max(0.0, s.verify_s - s.draft_busy_s),
+                draft_hidden_fraction=min(1.0, max(0.0, 1.0 - s.draft_s / s.draft_busy_s)),
+            )
         return out

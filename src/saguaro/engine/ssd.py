@@ -18,6 +18,7 @@ from saguaro.engine.verify import verify
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import target_probs
 from saguaro.ssd.drafter import Speculation, SSDDrafter
+from saguaro.ssd.online import SaguaroPolicy
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,17 @@ class LocalDrafter:
 
     def __init__(self, drafter: SSDDrafter):
         self.drafter = drafter
+        self.tree_s = self.fallback_s = 0.0
 
     def prefill(self, seq_ids, prompts, params, seeds) -> None:
         self.drafter.prefill(seq_ids, prompts, params, seeds)
 
-    def respond(self, outcomes, new_tokens) -> list[Speculation]:
-        return self.drafter.respond(outcomes, new_tokens)
+    def respond(self, outcomes, new_tokens, fanout: list[int], fallback: str) -> list[Speculation]:
+        self.drafter.set_policy(fanout, fallback)
+        self.tree_s = self.drafter.tree_s
+        specs = self.drafter.respond(outcomes, new_tokens)
+        self.fallback_s = self.drafter.fallback_s
+        return specs
 
     def build_tree(self) -> None:
         self.drafter.build_tree()
@@ -51,15 +57,22 @@ class SSDEngine(Engine):
     mode = "ssd"
 
     def __init__(self, target: CausalLM, drafter, k: int, stop_token_ids: set[int], max_batch_size: int = 64,
-                 local_fallback=None):
-        """local_fallback: makes an in-process drafter to finish with if the worker fails."""
+                 local_fallback=None, policy: SaguaroPolicy | None = None):
+        """local_fallback: makes an in-process drafter to finish with if the worker fails.
+        policy: fan-out and fallback per round (default: the drafter's own, never refitted)."""
         super().__init__(target, stop_token_ids, max_batch_size)
         self.drafter, self.k = drafter, k
+        if policy is None:
+            inner = drafter.drafter if isinstance(drafter, LocalDrafter) else drafter
+            policy = SaguaroPolicy(k, sum(inner.fanout), 0.5, 1.0, fallback=inner.fallback, fit=False)
+            policy.fanout = list(inner.fanout)
+        self.policy = policy
+        self.tree_fanout = [0] * (k + 1)  # the fan-out of the tree being built now
         self.local_fallback = local_fallback
         self.degraded: str | None = None  # why the engine left its worker, if it did
         self.sent: dict[int, int] = {}  # seq id -> tokens of its context the drafter has
         self.outcome: dict[int, tuple[int, int]] = {}  # seq id -> outcome of its last round
-        self.totals = {"rounds": 0, "respond_s": 0.0, "verify_s": 0.0}
+        self.totals = {"rounds": 0, "respond_s": 0.0, "verify_s": 0.0, "tree_s": 0.0, "fallback_s": 0.0}
         self._prefilling = []
 
     @property
@@ -113,10 +126,15 @@ class SSDEngine(Engine):
         t0 = time.perf_counter()
         outcomes = [self.outcome.get(s.id) for s in seqs]
         new = [s.all_ids[self.sent[s.id]:] for s in seqs]
-        specs = self._guarded(lambda d: d.respond, outcomes, new)
+        looked_up = self.tree_fanout
+        fanout = [0] * (k + 1) if self.degraded else self.policy.fanout  # degraded: plain SD
+        fallback = "neural" if self.degraded else self.policy.next_fallback(len(seqs))
+        specs = self._guarded(lambda d: d.respond, outcomes, new, fanout, fallback)
         if specs is None:  # the worker failed: ask the local drafter, which has no outcomes yet
             outcomes = [None] * len(seqs)
-            specs = self.drafter.respond(outcomes, new)
+            fanout, fallback = [0] * (k + 1), "neural"
+            specs = self.drafter.respond(outcomes, new, fanout, fallback)
+        self.tree_fanout = fanout
         for s in seqs:
             self.sent[s.id] = len(s.all_ids)
         self.drafter.build_tree()  # in a worker this overlaps the verification below
@@ -134,21 +152,36 @@ class SSDEngine(Engine):
         t2 = time.perf_counter()
         self.drafter.finish_tree()
         self.cache.lengths += accepted + 1
+        tree_s, fallback_s = self.drafter.tree_s, self.drafter.fallback_s
         for s, sp, a, t, out in zip(seqs, specs, accepted.tolist(), emitted.tolist(), outcomes):
             s.append(sp.tokens[:a] + [t], self.stop_ids)
             self.outcome[s.id] = (a, t)
-            st = s.stats
-            st.rounds += 1
-            st.drafted += k
-            st.accepted += a
-            st.draft_s += t1 - t0
-            st.verify_s += t2 - t1
-            if out is not None:  # the first round after prefill has nothing to look up
-                st.cache_lookups += 1
-                st.cache_hits += sp.hit
+            self._count(s.stats, sp, a, out, t1 - t0, t2 - t1, tree_s + fallback_s)
+            if not self.degraded:
+                self.policy.observe(a, k, None if out is None else out[0], None if out is None else sp.hit,
+                                    fallback, looked_up)
+        if not self.degraded:
+            self.policy.observe_times(t2 - t1, tree_s, fallback_s, fallback, sum(not sp.hit for sp in specs))
+        for key, value in (("respond_s", t1 - t0), ("verify_s", t2 - t1), ("tree_s", tree_s),
+                           ("fallback_s", fallback_s)):
+            self.totals[key] += value
         self.totals["rounds"] += 1
-        self.totals["respond_s"] += t1 - t0
-        self.totals["verify_s"] += t2 - t1
+
+    def _count(self, st, spec: Speculation, accepted: int, outcome, wait_s: float, verify_s: float,
+               busy_s: float) -> None:
+        st.rounds += 1
+        st.drafted += self.k
+        st.accepted += accepted
+        st.draft_s += wait_s
+        st.verify_s += verify_s
+        st.draft_busy_s += busy_s
+        if outcome is not None:  # the first round after prefill has nothing to look up
+            st.cache_lookups += 1
+            st.cache_hits += spec.hit
+            if spec.hit:
+                st.accepted_on_hit += accepted
+            else:
+                st.accepted_on_miss += accepted
 
     def close(self) -> None:
         self.drafter.close()

@@ -12,7 +12,7 @@ from saguaro.engine.speculative import load_draft
 from saguaro.engine.ssd import LocalDrafter, SSDEngine
 from saguaro.loader import resolve_checkpoint
 from saguaro.ssd.drafter import SSDDrafter
-from saguaro.ssd.fanout import geometric_fanout, uniform_fanout
+from saguaro.ssd.online import SaguaroPolicy
 from saguaro.ssd.worker import RemoteDrafter, WorkerError, pin
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,14 @@ def available_cores() -> list[int]:
 
 def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_batch_size, fanout_budget: int = 0,
                     fanout: str = "geometric", acceptance: float = PRIOR_ACCEPTANCE, r: float = PRIOR_R,
-                    saguaro_c: float = 1.0, fallback: str = "neural", worker: bool = True,
-                    draft_cores: list[int] | None = None, worker_timeout: float = 60.0) -> SSDEngine:
+                    saguaro_c: float = 1.0, fallback: str = "auto", worker: bool = True,
+                    draft_cores: list[int] | None = None, worker_timeout: float = 60.0,
+                    fit: bool = True) -> SSDEngine:
+    """fit: refit a_p and r (and so the fan-out) from what the rounds show; False keeps the priors."""
     budget = fanout_budget or 3 * (k + 1)
-    shape = geometric_fanout(budget, k, acceptance, r) if fanout == "geometric" else uniform_fanout(budget, k)
-    if fallback == "auto":
-        fallback = "neural"  # at batch 1 just-in-time neural drafting wins (see ssd/speedup.py)
+    policy = SaguaroPolicy(k, budget, acceptance, r, shape=fanout, fallback=fallback, fit=fit)
+    shape = policy.fanout
+    fallback = policy.next_fallback(1)  # the first rounds; the policy decides again every round
     vocab = target.config.vocab_size
 
     def local() -> LocalDrafter:  # the SD fallback, also used when no worker is wanted
@@ -60,7 +62,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
     if drafter is None:
         drafter = LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, shape, c=saguaro_c,
                                           fallback=fallback)) if not worker else local()
-    engine = SSDEngine(target, drafter, k, stop, max_batch_size, local_fallback=local if worker else None)
+    engine = SSDEngine(target, drafter, k, stop, max_batch_size, local_fallback=local if worker else None,
+                       policy=policy)
     engine.degraded = degraded
-    engine.fanout = shape
     return engine

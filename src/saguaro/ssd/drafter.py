@@ -9,13 +9,15 @@ While the target verifies speculation S = s_1..s_K of a sequence with context x,
    prefix through the attention mask;
 4. stores (k, t) -> (tokens, q) in the speculation cache.
 When the real outcome (k*, t*) arrives, a hit returns the stored speculation at once; a miss
-falls back to just-in-time drafting (neural) or the n-gram backup.
+falls back to just-in-time drafting (neural), the n-gram backup, or no drafting at all ("none":
+K copies of the last token, verified like any proposal, so the round still yields >= 1 token).
 
 This class knows nothing of processes: the worker runs it remotely, tests run it in place.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +39,7 @@ class Speculation:
     tokens: list[int]
     q: torch.Tensor | None  # [K, V] over the target vocabulary; None for deterministic proposals
     hit: bool = False
-    source: str = "tree"  # "tree" (cache hit), "neural" or "ngram" (fallback)
+    source: str = "tree"  # "tree" (cache hit), or the fallback: "neural", "ngram" or "none"
 
 
 @dataclass
@@ -52,20 +54,33 @@ class DraftRow:
     branches: dict[tuple[int, int], Speculation] = field(default_factory=dict)
 
 
+FALLBACKS = ("neural", "ngram", "none")
+
+
 class SSDDrafter:
     def __init__(self, draft: CausalLM, target_vocab: int, k: int, fanout: list[int], c: float = 1.0,
                  fallback: str = "neural"):
         if len(fanout) != k + 1:
             raise ValueError(f"fan-out needs K+1 = {k + 1} entries, got {len(fanout)}")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.draft, self.k, self.fanout, self.c, self.fallback = draft, k, list(fanout), c, fallback
         self.jit = NeuralSpeculator(draft, target_vocab)  # owns the main cache rows
         self.ngram = NgramSpeculator()
         self.rows: list[DraftRow] = []
+        self.tree_s = 0.0  # time spent building the last tree
+        self.fallback_s = 0.0  # time spent on misses in the last respond
         out_ids = draft.output_token_ids  # head index of each target token, -1 where the head has none
         self.head_index = None
         if out_ids is not None:
             self.head_index = torch.full((target_vocab,), -1, dtype=torch.long)
             self.head_index[out_ids] = torch.arange(len(out_ids))
+
+    def set_policy(self, fanout: list[int], fallback: str) -> None:
+        """Fan-out of the next tree and fallback of the next misses (the engine refits them)."""
+        if len(fanout) != self.k + 1 or fallback not in FALLBACKS:
+            raise ValueError(f"bad policy: fan-out {fanout}, fallback {fallback!r}")
+        self.fanout, self.fallback = list(fanout), fallback
 
     # ------------------------------------------------------------------ batch membership
     @torch.inference_mode()
@@ -103,9 +118,11 @@ class SSDDrafter:
             else:
                 miss_rows.append(i)
             out.append(spec)
+        t = time.perf_counter()
         if miss_rows:
             for i, spec in zip(miss_rows, self._fallback(miss_rows)):
                 out[i] = spec
+        self.fallback_s = time.perf_counter() - t
         for row, spec in zip(self.rows, out):
             row.speculation = spec
         return out
@@ -113,6 +130,8 @@ class SSDDrafter:
     def _fallback(self, rows: list[int]) -> list[Speculation]:
         if self.fallback == "ngram":
             return [Speculation(self.ngram.lookup(self.rows[i].tokens, self.k), None, source="ngram") for i in rows]
+        if self.fallback == "none":
+            return [Speculation([self.rows[i].tokens[-1]] * self.k, None, source="none") for i in rows]
         # just-in-time neural drafting for the missed rows; the other rows' cache rows stay as they are
         return self._draft_rows(rows)
 
@@ -155,6 +174,13 @@ class SSDDrafter:
     @torch.inference_mode()
     def build_tree(self) -> None:
         """Pre-draft every row's likely outcomes of the speculation now being verified."""
+        t = time.perf_counter()
+        try:
+            self._build_tree()
+        finally:
+            self.tree_s = time.perf_counter() - t
+
+    def _build_tree(self) -> None:
         if not self.rows:
             return
         k, cache = self.k, self.jit.cache

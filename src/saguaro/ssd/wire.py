@@ -24,6 +24,12 @@ class Kind(IntEnum):
     READY = 6
 
 
+class Fallback(IntEnum):
+    NEURAL = 0
+    NGRAM = 1
+    NONE = 2
+
+
 NO_OUTCOME = -1  # "this row has no outcome yet" (its first round after prefill)
 NO_SEED = -1
 
@@ -67,20 +73,27 @@ class Prefill:
 
 @dataclass
 class Respond:
+    """Answer these outcomes now (misses with `fallback`), then build the next tree with `fanout`."""
+
     outcomes: list[tuple[int, int] | None]  # per row: (accepted, emitted token) of its last round
     new_tokens: list[list[int]]  # per row: context tokens the worker has not seen
+    fanout: list[int]
+    fallback: str = "neural"
     kind = Kind.RESPOND
 
     def pack(self):
         flat = [v for o in self.outcomes for v in ((NO_OUTCOME, NO_OUTCOME) if o is None else o)]
-        return [len(self.outcomes)] + flat + _ragged(self.new_tokens), [], None
+        head = [int(Fallback[self.fallback.upper()]), len(self.fanout)] + self.fanout
+        return head + [len(self.outcomes)] + flat + _ragged(self.new_tokens), [], None
 
     @classmethod
     def unpack(cls, ints, floats, tensor):
-        n = ints[0]
-        pairs = [tuple(ints[1 + 2 * i : 3 + 2 * i]) for i in range(n)]
-        rows, _ = _unragged(ints, 1 + 2 * n)
-        return cls([None if p[0] == NO_OUTCOME else p for p in pairs], rows)
+        fallback, nf = Fallback(ints[0]).name.lower(), ints[1]
+        fanout, at = ints[2 : 2 + nf], 2 + nf
+        n = ints[at]
+        pairs = [tuple(ints[at + 1 + 2 * i : at + 3 + 2 * i]) for i in range(n)]
+        rows, _ = _unragged(ints, at + 1 + 2 * n)
+        return cls([None if p[0] == NO_OUTCOME else p for p in pairs], rows, fanout, fallback)
 
 
 @dataclass
@@ -129,18 +142,21 @@ class Speculations:
     """Each row's next K tokens, whether they came from the cache, and q where rows sample.
 
     q travels over the draft head's vocabulary ([rows, K, head_vocab]); greedy rows send none.
+    tree_s is how long the worker spent on the tree these hits came from, fallback_s on the misses.
     """
 
     tokens: list[list[int]]
     hits: list[bool]
     sampled_rows: list[int] = field(default_factory=list)
     q: torch.Tensor | None = None  # [len(sampled_rows), K, head_vocab]
+    tree_s: float = 0.0
+    fallback_s: float = 0.0
     kind = Kind.SPECULATIONS
 
     def pack(self):
         k = len(self.tokens[0]) if self.tokens else 0
         ints = [len(self.tokens), k] + [t for row in self.tokens for t in row] + [int(h) for h in self.hits]
-        return ints + self.sampled_rows, [], self.q
+        return ints + self.sampled_rows, [float(self.tree_s), float(self.fallback_s)], self.q
 
     @classmethod
     def unpack(cls, ints, floats, tensor):
@@ -148,7 +164,7 @@ class Speculations:
         body = ints[2 : 2 + n * k]
         tokens = [body[i * k : (i + 1) * k] for i in range(n)]
         hits = [bool(h) for h in ints[2 + n * k : 2 + n * k + n]]
-        return cls(tokens, hits, ints[2 + n * k + n :], tensor)
+        return cls(tokens, hits, ints[2 + n * k + n :], tensor, floats[0], floats[1])
 
 
 MESSAGES = {m.kind: m for m in (Prefill, Respond, Retire, Shutdown, Ready, Speculations)}

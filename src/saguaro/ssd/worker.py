@@ -74,13 +74,16 @@ def serve(args) -> None:
         elif isinstance(msg, wire.Retire):
             drafter.retire(msg.keep)
         elif isinstance(msg, wire.Respond):
+            drafter.set_policy(msg.fanout, msg.fallback)
+            tree_s = drafter.tree_s  # the tree these outcomes are looked up in
             specs = drafter.respond(msg.outcomes, msg.new_tokens)
             sampled = [i for i, s in enumerate(specs) if s.q is not None]
             q = None
             if sampled:
                 q = torch.stack([specs[i].q for i in sampled])
                 q = q if head is None else q[:, :, head]
-            wire.send(wire.Speculations([s.tokens for s in specs], [s.hit for s in specs], sampled, q), ENGINE)
+            wire.send(wire.Speculations([s.tokens for s in specs], [s.hit for s in specs], sampled, q,
+                                        tree_s, drafter.fallback_s), ENGINE)
             drafter.build_tree()  # overlaps the engine's verification of these speculations
     dist.destroy_process_group()
 
@@ -94,7 +97,7 @@ def worker_parser(p: argparse.ArgumentParser | None = None) -> argparse.Argument
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--fanout", type=lambda s: [int(x) for x in s.split(",")], required=True)
     p.add_argument("--c", type=float, default=1.0)
-    p.add_argument("--fallback", choices=["neural", "ngram"], default="neural")
+    p.add_argument("--fallback", choices=["neural", "ngram", "none"], default="neural")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
@@ -118,6 +121,7 @@ class RemoteDrafter:
                  master_addr: str = "127.0.0.1", master_port: int | None = None, spawn: bool = True,
                  head_ids: torch.Tensor | None = None):
         self.k, self.vocab, self.head_ids = k, target_vocab, head_ids
+        self.tree_s = self.fallback_s = 0.0  # the worker's times, as reported with its last answer
         self.process = None
         port = master_port or free_port()
         if spawn:
@@ -152,16 +156,17 @@ class RemoteDrafter:
                            [p.top_k for p in params], seeds)
         self._call(wire.send, msg, WORKER)
 
-    def respond(self, outcomes, new_tokens) -> list[Speculation]:
-        self._call(wire.send, wire.Respond(outcomes, new_tokens), WORKER)
+    def respond(self, outcomes, new_tokens, fanout: list[int], fallback: str) -> list[Speculation]:
+        self._call(wire.send, wire.Respond(outcomes, new_tokens, list(fanout), fallback), WORKER)
         msg = self._call(wire.recv, WORKER)
+        self.tree_s, self.fallback_s = msg.tree_s, msg.fallback_s
         qs = {}
         for j, row in enumerate(msg.sampled_rows):
             q = msg.q[j]
             if self.head_ids is not None:
                 q = torch.zeros(q.shape[0], self.vocab, dtype=q.dtype).index_copy_(1, self.head_ids, q)
             qs[row] = q
-        return [Speculation(t, qs.get(i), hit=h, source="tree" if h else "fallback")
+        return [Speculation(t, qs.get(i), hit=h, source="tree" if h else fallback)
                 for i, (t, h) in enumerate(zip(msg.tokens, msg.hits))]
 
     def build_tree(self) -> None:

@@ -1,0 +1,107 @@
+"""What every analysis shares: its options, the prompts, SSD engines with a fixed policy, timed runs,
+and writing NAME.json + NAME.png.
+
+Engines: the in-process SSD engine (worker=False) is deterministic and cheap, so analyses use it
+where the quantity is a rate (hits, acceptance, tokens per round); the worker engine is used where
+the quantity is a speed (tokens/s), unless --no-worker asks for in-process runs everywhere. Every
+SSD engine here keeps its fan-out and fallback fixed (no online refit), so each point of a sweep
+measures the setting it names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from saguaro.bench import EngineRunner, run_batch, summarize
+from saguaro.prompts import load_prompts
+from saguaro.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalysisOptions:
+    out_dir: Path
+    datasets: list[str] = field(default_factory=lambda: ["humaneval", "sharegpt"])
+    num_prompts: int = 2  # per dataset
+    max_tokens: int = 32
+    k: int = 4
+    seed: int = 0
+    temperature: float = 0.0
+    draft: str | None = None
+    worker: bool = True  # False (--no-worker): timed runs in-process as well
+    fanout_budget: int = 0  # 0: 3(K+1)
+    acceptance: float = 0.6  # priors that shape the geometric fan-out
+    r: float = 0.5
+    max_fanout: int = 16  # (a)
+    c_values: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # (b)
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # (c)
+    ks: list[int] = field(default_factory=lambda: [2, 4])  # (d)
+    fanout_sizes: list[int] = field(default_factory=lambda: [1, 3])  # (d): budget = F (K+1)
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])  # (d), (e)
+
+    def as_json(self) -> dict:
+        return {key: (str(v) if isinstance(v, Path) else v) for key, v in asdict(self).items()}
+
+
+def chat_prompts(llm, opts: AnalysisOptions) -> list[list[int]]:
+    """The first num_prompts held-out prompts of each dataset, chat template applied."""
+    return [llm.tokenizer.encode_chat([{"role": "user", "content": p}])
+            for d in opts.datasets for p in load_prompts(d, "eval")[: opts.num_prompts]]
+
+
+def ssd_engine(llm, opts: AnalysisOptions, *, k: int | None = None, budget: int | None = None,
+               shape: str = "geometric", c: float = 1.0, fallback: str = "neural", worker: bool = False,
+               max_batch_size: int = 64):
+    """An SSD engine with a fixed fan-out shape and fallback (the online fit is off)."""
+    return llm.make_engine("ssd", opts.draft, k or opts.k, max_batch_size,
+                           fanout_budget=opts.fanout_budget if budget is None else budget, fanout=shape,
+                           acceptance=opts.acceptance, r=opts.r, saguaro_c=c, fallback=fallback,
+                           worker=worker, fit=False)
+
+
+def fanout_of(engine) -> list[int] | None:
+    policy = getattr(engine, "policy", None)
+    return list(policy.fanout) if policy is not None else getattr(engine, "fanout", None)
+
+
+def run_prompts(engine, prompts: list[list[int]], opts: AnalysisOptions, temperature: float,
+                batch_size: int = 1, warmup: bool = False) -> dict:
+    """Generate every prompt (batches of batch_size, seed = opts.seed + prompt index) and summarize
+    as `saguaro bench` does: tokens/s, acceptance, mean accepted length, cache hit rate, ..."""
+    runner = EngineRunner(engine)
+
+    def params(i: int, tokens: int = opts.max_tokens) -> SamplingParams:
+        return SamplingParams(temperature=temperature, max_tokens=tokens, seed=opts.seed + i)
+
+    if warmup:
+        run_batch(runner, prompts[:1], [params(0, 4)])
+    batches = [run_batch(runner, prompts[i: i + batch_size], [params(j) for j in range(i, min(i + batch_size, len(prompts)))])
+               for i in range(0, len(prompts), batch_size)]
+    out = summarize(batches)
+    if out.get("rounds"):
+        out["tokens_per_round"] = (out["tokens"] - out["prompts"]) / out["rounds"]  # the first token is prefill's
+    return out
+
+
+def timed_engine(llm, opts: AnalysisOptions, **kw):
+    """An SSD engine for a speed measurement: the worker unless --no-worker."""
+    return ssd_engine(llm, opts, worker=opts.worker, **kw)
+
+
+def write_outputs(name: str, data: dict, fig, opts: AnalysisOptions) -> dict[str, str]:
+    """NAME.json (the data, the options, the thread count) and NAME.png under opts.out_dir."""
+    from saguaro.bench_plot import save_figure
+
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = opts.out_dir / f"{name}.json", opts.out_dir / f"{name}.png"
+    report = {"analysis": name, "options": opts.as_json(), "threads": torch.get_num_threads(), **data}
+    json_path.write_text(json.dumps(report, indent=2))
+    save_figure(fig, str(png_path))
+    log.info("%s: wrote %s and %s", name, json_path, png_path)
+    return {"json": str(json_path), "png": str(png_path)}

@@ -1,0 +1,162 @@
+"""Fitting Saguaro's knobs online: a_p and r shape the fan-out, measured latencies pick the fallback.
+
+The fit functions are pure; `SaguaroPolicy` keeps the running counts an engine observes round by
+round and turns them into the next round's fan-out and fallback.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from saguaro.ssd.fanout import geometric_fanout, uniform_fanout
+from saguaro.ssd.speedup import expected_tokens, fallback_switch_batch
+
+R_RANGE = (0.1, 4.0)  # keep the fitted exponent where the closed form stays well-behaved
+ACCEPTANCE_RANGE = (0.02, 0.98)
+
+
+def fit_acceptance(accepted: int, drafted: int, prior: float, prior_weight: float = 32.0) -> float:
+    """Per-token acceptance, shrunk towards the prior while there is little data."""
+    a = (accepted + prior * prior_weight) / (drafted + prior_weight)
+    return min(max(a, ACCEPTANCE_RANGE[0]), ACCEPTANCE_RANGE[1])
+
+
+def fit_power_law(lookups: dict[int, int], hits: dict[int, int]) -> float | None:
+    """r in 1 - p_hit(F) = F^-r from hit counts per fan-out F (least squares on log-miss vs log F,
+    through the origin, weighted by lookups). None if no fan-out above 1 has been observed."""
+    num = den = 0.0
+    for f, n in lookups.items():
+        if f < 2 or n == 0:
+            continue
+        miss = (n - hits.get(f, 0) + 0.5) / (n + 1.0)  # smoothed: never log(0)
+        x = math.log(f)
+        num += n * x * -math.log(miss)
+        den += n * x * x
+    if den == 0:
+        return None
+    return min(max(num / den, R_RANGE[0]), R_RANGE[1])
+
+
+@dataclass
+class FallbackCosts:
+    """What the fallback choice needs, times in units of one verification."""
+
+    p_hit: float
+    tokens_hit: float  # tokens per round after a hit
+    t_primary: float  # tree build
+    tokens_neural: float
+    t_neural: float
+    tokens_ngram: float
+    t_ngram: float
+
+
+def choose_fallback(batch: int, costs: FallbackCosts) -> str:
+    """'ngram' from the batch size b* where the fast backup beats just-in-time neural drafting."""
+    b_star = fallback_switch_batch(costs.p_hit, costs.tokens_hit, costs.t_primary, costs.tokens_neural,
+                                   costs.t_neural, costs.tokens_ngram, costs.t_ngram)
+    return "ngram" if b_star is not None and batch >= b_star else "neural"
+
+
+@dataclass
+class Tally:
+    rounds: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float = 0.0) -> None:
+        self.rounds += 1
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def mean_tokens(self, prior: float) -> float:
+        return (self.tokens + prior) / (self.rounds + 1)
+
+
+@dataclass
+class SaguaroPolicy:
+    """Observes rounds; says the fan-out and the fallback for the next one.
+
+    fit=False keeps a_p and r at their priors (the fan-out never changes); fallback 'auto'
+    picks neural or n-gram per round from the measured costs and the batch size.
+    """
+
+    k: int
+    budget: int
+    acceptance: float
+    r: float
+    shape: str = "geometric"
+    fallback: str = "auto"
+    fit: bool = True
+    refit_every: int = 8
+    drafted: int = 0
+    accepted: int = 0
+    lookups: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    hits: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    after_hit: Tally = field(default_factory=Tally)
+    after_miss: dict[str, Tally] = field(default_factory=lambda: defaultdict(Tally))
+    tree_s: float = 0.0
+    verify: Tally = field(default_factory=Tally)
+    rounds: int = 0
+
+    def __post_init__(self):
+        self.fanout = self._shape(self.acceptance, self.r)
+
+    def _shape(self, a: float, r: float) -> list[int]:
+        if self.shape == "uniform":
+            return uniform_fanout(self.budget, self.k)
+        return geometric_fanout(self.budget, self.k, a, r)
+
+    def observe(self, accepted: int, drafted: int, outcome_k: int | None, hit: bool | None, source: str,
+                fanout_used: list[int]) -> None:
+        """One sequence's round: its acceptance, and whether the outcome it came from was cached."""
+        self.drafted += drafted
+        self.accepted += accepted
+        if hit is None:  # the first round after prefill looks nothing up
+            return
+        (self.after_hit if hit else self.after_miss[source]).add(accepted + 1)
+        if outcome_k is not None:
+            f = fanout_used[outcome_k]
+            self.lookups[f] += 1
+            self.hits[f] += int(hit)
+
+    def observe_times(self, verify_s: float, tree_s: float, fallback_s: float, source: str, misses: int) -> None:
+        self.verify.add(0, verify_s)
+        self.tree_s += tree_s
+        if misses:
+            self.after_miss[source].seconds += fallback_s
+        self.rounds += 1
+        if self.fit and self.rounds % self.refit_every == 0:
+            a = fit_acceptance(self.accepted, self.drafted, self.acceptance)
+            r = fit_power_law(self.lookups, self.hits) or self.r
+            self.fanout = self._shape(a, r)
+
+    @property
+    def fitted(self) -> tuple[float, float]:
+        return fit_acceptance(self.accepted, self.drafted, self.acceptance), fit_power_law(self.lookups, self.hits) or self.r
+
+    def costs(self) -> FallbackCosts:
+        v = self.verify.seconds / self.verify.rounds if self.verify.rounds else 1.0
+        a, _ = self.fitted
+        lookups = sum(self.lookups.values())
+        p_hit = (sum(self.hits.values()) + 0.5) / (lookups + 1.0)
+        neural, ngram = self.after_miss["neural"], self.after_miss["ngram"]
+
+        def per_round(t: Tally, prior: float) -> float:  # seconds per missed round, in verify units
+            return (t.seconds / t.rounds if t.rounds else prior) / v
+
+        return FallbackCosts(
+            p_hit=p_hit,
+            tokens_hit=self.after_hit.mean_tokens(expected_tokens(a, self.k)),
+            t_primary=(self.tree_s / self.rounds if self.rounds else 0.5 * v) / v,
+            tokens_neural=neural.mean_tokens(expected_tokens(a, self.k)),
+            t_neural=per_round(neural, 0.5 * v),
+            tokens_ngram=ngram.mean_tokens(1.0),  # prior: the n-gram backup rarely helps
+            t_ngram=per_round(ngram, 0.0),
+        )
+
+    def next_fallback(self, batch: int) -> str:
+        if self.fallback != "auto":
+            return self.fallback
+        return choose_fallback(batch, self.costs())

@@ -8,6 +8,7 @@ output head over only the most frequent tokens. Its input embeddings are the tar
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 from dataclasses import replace
@@ -89,3 +90,18 @@ def save_draft(draft: CausalLM, out_dir: Path, extra: dict | None = None, dtype=
     save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, str(tmp))
     tmp.rename(out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_manifest(out_dir)
+
+
+MANIFEST = "SHA256SUMS"
+
+
+def file_digests(out_dir: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((out_dir / name).read_bytes()).hexdigest()
+            for name in ("config.json", "model.safetensors")}
+
+
+def write_manifest(out_dir: Path) -> None:
+    """sha256sum-style digests, so a broken re-export of a shipped draft is caught (`sha256sum -c`)."""
+    lines = [f"{digest}  {name}" for name, digest in file_digests(out_dir).items()]
+    (out_dir / MANIFEST).write_text("\n".join(lines) + "\n")

@@ -51,3 +51,24 @@ def agreement_report(draft: CausalLM, shard: dict[str, torch.Tensor], k: int = 4
         f"mean_accepted_k{k}": sum(rounds) / max(1, len(rounds)),
         "positions": len(flat),
     }
+
+
+@torch.inference_mode()
+def decode_step_ms(models: dict[str, CausalLM], context: int = 128, steps: int = 32) -> dict[str, float]:
+    """Median ms of one cached 1-token forward per model, measured interleaved (same machine drift)."""
+    import statistics
+    import time
+
+    caches, times = {}, {name: [] for name in models}
+    for name, m in models.items():
+        caches[name] = m.new_cache(1, context + steps + 1)
+        m(torch.randint(0, 1000, (1, context)), caches[name])
+        caches[name].lengths[:] = context
+    token = torch.tensor([[42]])
+    for _ in range(steps):
+        for name, m in models.items():
+            t = time.perf_counter()
+            m(token, caches[name])
+            times[name].append(1000 * (time.perf_counter() - t))
+            caches[name].lengths += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}

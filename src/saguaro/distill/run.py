@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from saguaro.distill import draft as draft_lib
-from saguaro.distill.evaluate import agreement_report
+from saguaro.distill.evaluate import agreement_report, decode_step_ms
 from saguaro.distill.teacher import generate_shard, read_shard, shard_paths, train_prompts, write_shard
 from saguaro.distill.train import Trainer
 from saguaro.loader import cache_root, load_model, resolve_checkpoint
@@ -75,6 +75,7 @@ def eval_shards(opts, target, tokenizer, data_dir: Path) -> dict[str, dict]:
     for dataset in ("humaneval", "sharegpt"):
         path = data_dir / f"eval-{dataset}.safetensors"
         if not path.is_file():
+            data_dir.mkdir(parents=True, exist_ok=True)
             texts = load_prompts(dataset, "eval")[:32]
             prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
             prompts = [p for p in prompts if len(p) <= opts.max_prompt_tokens]
@@ -120,6 +121,9 @@ def run_distill(opts: DistillOptions) -> dict:
     if opts.phase == "eval":
         draft = load_model(opts.out, embeddings_from=target)
         report = evaluate(draft, evals)
+        cost = decode_step_ms({"target": target, "draft": draft})  # at the caller's --threads
+        report["forward_ms"] = {**cost, "threads": torch.get_num_threads(), "draft_over_target":
+                                cost["draft"] / cost["target"]}
         log.info("eval: %s", report)
         return report
     draft = make_draft(opts, target, tokenizer, state_dir)

@@ -109,6 +109,16 @@ def make_draft(opts, target, tokenizer, state_dir: Path):
     return draft_lib.build_draft(target, layers, output_ids)
 
 
+def _record(tr: Trainer, opts: DistillOptions) -> dict:
+    """What goes into the draft's config so the run can be repeated."""
+    rec = {"step": tr.step, "tokens_seen": tr.tokens_seen, "seed": opts.seed, "lr": opts.lr,
+           "teacher_tokens": tr.teacher_tokens(), "teacher_shards": len(tr._shard_files),
+           "train_wall_s": round(tr.wall_s)}
+    if opts.init_from is not None:
+        rec["init_from"] = json.loads((Path(opts.init_from) / "config.json").read_text()).get("saguaro_distill")
+    return rec
+
+
 def run_distill(opts: DistillOptions) -> dict:
     work = _work_dir(opts)
     data_dir, state_dir = work / "teacher", work / "state"
@@ -146,7 +156,7 @@ def run_distill(opts: DistillOptions) -> dict:
             report = evaluate(tr.draft, evals)
             log.info("step %d tokens %d loss %.3f eval %s", tr.step, tr.tokens_seen, loss, report)
             draft_lib.save_draft(tr.draft, opts.out, {"saguaro_distill": {
-                "step": tr.step, "tokens_seen": tr.tokens_seen, "seed": opts.seed, "eval": report}})
+                **_record(tr, opts), "eval": report}})
         if opts.phase == "all" and tr.step % 50 == 0:
             run_teacher(opts, target, tokenizer, data_dir, max_shards=1)
 
@@ -155,5 +165,5 @@ def run_distill(opts: DistillOptions) -> dict:
     trainer.run(opts.tokens, on_step=on_step)
     report = evaluate(trainer.draft, evals)
     draft_lib.save_draft(trainer.draft, opts.out, {"saguaro_distill": {
-        "step": trainer.step, "tokens_seen": trainer.tokens_seen, "seed": opts.seed, "eval": report}})
+        **_record(trainer, opts), "eval": report}})
     return report

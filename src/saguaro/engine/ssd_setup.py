@@ -25,6 +25,14 @@ def available_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
+def draft_device(target_device: str) -> str:
+    """The worker's device: its own GPU when there is a second one, else the target's device."""
+    if target_device.startswith("cuda") and torch.cuda.device_count() > 1:
+        index = torch.device(target_device).index or 0
+        return f"cuda:{(index + 1) % torch.cuda.device_count()}"
+    return target_device
+
+
 def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_batch_size, fanout_budget: int = 0,
                     fanout: str = "geometric", acceptance: float = PRIOR_ACCEPTANCE, r: float = PRIOR_R,
                     saguaro_c: float = 1.0, fallback: str = "auto", worker: bool = True,
@@ -50,7 +58,8 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
         head = json.loads((resolve_checkpoint(draft_path) / "config.json").read_text()).get("saguaro_output_token_ids")
         try:
             drafter = RemoteDrafter(target_path, draft_path, k, shape, vocab, c=saguaro_c, fallback=fallback,
-                                    dtype=str(target.dtype).removeprefix("torch."), device=device,
+                                    dtype=str(target.dtype).removeprefix("torch."), device=draft_device(device),
+                                    engine_device=device,
                                     cores=draft_cores, threads=1, timeout=worker_timeout,
                                     head_ids=None if head is None else torch.tensor(head))
             if draft_cores and device == "cpu":  # keep the target off the draft's cores

@@ -73,8 +73,8 @@ class SSDDrafter:
         out_ids = draft.output_token_ids  # head index of each target token, -1 where the head has none
         self.head_index = None
         if out_ids is not None:
-            self.head_index = torch.full((target_vocab,), -1, dtype=torch.long)
-            self.head_index[out_ids] = torch.arange(len(out_ids))
+            self.head_index = torch.full((target_vocab,), -1, dtype=torch.long, device=out_ids.device)
+            self.head_index[out_ids] = torch.arange(len(out_ids), device=out_ids.device)
 
     def set_policy(self, fanout: list[int], fallback: str) -> None:
         """Fan-out of the next tree and fallback of the next misses (the engine refits them)."""
@@ -90,7 +90,7 @@ class SSDDrafter:
         ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
-        self.jit.prefill(None, ids, lengths)
+        self.jit.prefill(None, ids.to(self.draft.device), lengths.to(self.draft.device))
         for sid, p, sp, seed in zip(seq_ids, prompts, params, seeds):
             g = None if seed is None else torch.Generator().manual_seed(draft_seed(seed))
             self.rows.append(DraftRow(sid, sp, list(p), g))
@@ -143,8 +143,9 @@ class SSDDrafter:
         ids = torch.zeros(len(rows), max(len(p) for p in pending), dtype=torch.long)
         for j, p in enumerate(pending):
             ids[j, : len(p)] = torch.tensor(p)
-        counts = torch.tensor([len(p) for p in pending])
-        logits = self.draft(ids, view, logits_at=(counts - 1)[:, None])[:, 0]
+        dev = self.draft.device
+        counts = torch.tensor([len(p) for p in pending], device=dev)
+        logits = self.draft(ids.to(dev), view, logits_at=(counts - 1)[:, None])[:, 0]
         view.lengths += counts
         tokens, qs = [], []
         for step in range(self.k):
@@ -155,10 +156,10 @@ class SSDDrafter:
                 logits = self.draft(tokens[-1][:, None], view)[:, -1]
                 view.lengths += 1
         # keep the context's KV; the tree re-feeds the last context token and the proposals
-        view.lengths[:] = torch.tensor([len(r.tokens) - 1 for r in sub])
+        view.lengths[:] = torch.tensor([len(r.tokens) - 1 for r in sub], device=dev)
         self.jit.cache.put_rows(rows, view)
         toks, q_all = torch.stack(tokens, 1), torch.stack(qs, 1)
-        return [Speculation(toks[j].tolist(), None if r.params.greedy else q_all[j], source="neural")
+        return [Speculation(toks[j].tolist(), None if r.params.greedy else q_all[j].cpu(), source="neural")
                 for j, r in enumerate(sub)]
 
     def _draw(self, logits: torch.Tensor, rows: list[DraftRow], top_f: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,13 +193,14 @@ class SSDDrafter:
         ids = torch.zeros(b, width, dtype=torch.long)
         for i, p in enumerate(pending):
             ids[i, : len(p)] = torch.tensor(p)
-        counts = torch.tensor([len(p) for p in pending])
-        at = (counts - k - 1)[:, None] + torch.arange(k + 1)
-        logits = self.draft(ids, cache, logits_at=at)  # [B, K+1, V_draft]
-        n = torch.tensor([len(r.tokens) for r in self.rows])  # context lengths
+        dev = self.draft.device
+        counts = torch.tensor([len(p) for p in pending], device=dev)
+        at = (counts - k - 1)[:, None] + torch.arange(k + 1, device=dev)
+        logits = self.draft(ids.to(dev), cache, logits_at=at)  # [B, K+1, V_draft]
+        n = torch.tensor([len(r.tokens) for r in self.rows], device=dev)  # context lengths
         cache.lengths[:] = n + k
         # 2. outcome candidates, in draft-head indices (mapped to target ids below)
-        spec_tok = torch.tensor([s.tokens for s in specs])  # [B, K]
+        spec_tok = torch.tensor([s.tokens for s in specs], device=dev)  # [B, K]
         out_ids = self.draft.output_token_ids
         to_head = spec_tok if self.head_index is None else self.head_index[spec_tok]
         branch_k, branch_t = [], []
@@ -217,19 +219,19 @@ class SSDDrafter:
             return
         tok0 = torch.cat(branch_t, 1)  # [B, N] first token of each branch
         nb = tok0.shape[1]
-        kb = torch.tensor(branch_k)  # [N]
+        kb = torch.tensor(branch_k, device=dev)  # [N]
         # 3. K tokens per branch, one forward per depth over every branch of every row
         base = n + k  # first branch slot per row
         span = int(base.max()) + k * nb
         cache.ensure_capacity(span)
-        slot_idx = torch.arange(span)
+        slot_idx = torch.arange(span, device=dev)
         mask = slot_idx[None, None, :] < (n[:, None, None] + kb[None, :, None])  # prefix x + s_1..s_k
         tokens, qs = [], []
         cur = tok0
         for d in range(k):
-            slots = base[:, None] + d * nb + torch.arange(nb)[None, :]
+            slots = base[:, None] + d * nb + torch.arange(nb, device=dev)[None, :]
             mask = mask.clone()
-            mask[torch.arange(b)[:, None], torch.arange(nb)[None, :], slots] = True
+            mask[torch.arange(b, device=dev)[:, None], torch.arange(nb, device=dev)[None, :], slots] = True
             positions = n[:, None] + kb[None, :] + d
             out = self.draft(cur, cache, positions=positions, slots=slots, mask=mask)  # [B, N, V_draft]
             token, q = self._draw(out.reshape(b * nb, -1), [r for r in self.rows for _ in range(nb)], self.fanout[d])
@@ -237,7 +239,8 @@ class SSDDrafter:
             tokens.append(cur)
             qs.append(q.view(b, nb, -1))
         # 4. the speculation cache
-        all_tokens, all_q = torch.stack(tokens, 2), torch.stack(qs, 2)  # [B, N, K], [B, N, K, V]
+        all_tokens, all_q = torch.stack(tokens, 2).cpu(), torch.stack(qs, 2).cpu()  # [B, N, K], [B, N, K, V]
+        kb, tok0 = kb.cpu(), tok0.cpu()
         for i, row in enumerate(self.rows):
             greedy = row.params.greedy
             row.branches = {

@@ -174,38 +174,40 @@ TENSOR_DTYPES = [torch.float32, torch.float64]  # q travels in the draft's own p
 HEADER = 10  # kind, #ints, #floats, #tensor elements, tensor ndim, tensor dtype index, shape (4)
 
 
-def send(message, dst: int) -> None:
+def send(message, dst: int, device: str = "cpu") -> None:
+    """Send to rank dst; `device` is where the backend wants tensors (cuda for nccl, cpu for gloo)."""
     ints, floats, tensor = message.pack()
     numel = 0 if tensor is None else tensor.numel()
     shape = [] if tensor is None else list(tensor.shape)
     dtype = 0 if tensor is None or tensor.dtype != torch.float64 else 1
     header = torch.tensor([int(message.kind), len(ints), len(floats), numel, len(shape), dtype]
                           + shape + [0] * (4 - len(shape)), dtype=torch.int64)
-    dist.send(header, dst)
+    dist.send(header.to(device), dst)
     if ints:
-        dist.send(torch.tensor(ints, dtype=torch.int64), dst)
+        dist.send(torch.tensor(ints, dtype=torch.int64, device=device), dst)
     if floats:
-        dist.send(torch.tensor(floats, dtype=torch.float64), dst)
+        dist.send(torch.tensor(floats, dtype=torch.float64, device=device), dst)
     if numel:
-        dist.send(tensor.detach().to(TENSOR_DTYPES[dtype]).contiguous(), dst)
+        dist.send(tensor.detach().to(device=device, dtype=TENSOR_DTYPES[dtype]).contiguous(), dst)
 
 
-def recv(src: int):
-    header = torch.zeros(HEADER, dtype=torch.int64)
+def recv(src: int, device: str = "cpu"):
+    header = torch.zeros(HEADER, dtype=torch.int64, device=device)
     dist.recv(header, src)
     kind, n_ints, n_floats, numel, ndim, dtype = header[:6].tolist()
     shape = header[6 : 6 + ndim].tolist()
     ints = floats = []
     tensor = None
     if n_ints:
-        buf = torch.zeros(n_ints, dtype=torch.int64)
+        buf = torch.zeros(n_ints, dtype=torch.int64, device=device)
         dist.recv(buf, src)
         ints = buf.tolist()
     if n_floats:
-        buf = torch.zeros(n_floats, dtype=torch.float64)
+        buf = torch.zeros(n_floats, dtype=torch.float64, device=device)
         dist.recv(buf, src)
         floats = buf.tolist()
     if numel:
-        tensor = torch.zeros(shape, dtype=TENSOR_DTYPES[dtype])
+        tensor = torch.zeros(shape, dtype=TENSOR_DTYPES[dtype], device=device)
         dist.recv(tensor, src)
+        tensor = tensor.cpu()
     return MESSAGES[Kind(kind)].unpack(ints, floats, tensor)

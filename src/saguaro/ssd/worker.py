@@ -33,8 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def backend_for(device: str) -> str:
-    return "nccl" if device.startswith("cuda") else "gloo"
+def backend_for(engine_device: str, worker_device: str) -> str:
+    """nccl between two distinct GPUs; gloo otherwise (CPU, or both on one GPU, which nccl refuses)."""
+    a, b = torch.device(engine_device), torch.device(worker_device)
+    if a.type == b.type == "cuda" and (a.index or 0) != (b.index or 0):
+        return "nccl"
+    return "gloo"
 
 
 def pin(cores: list[int] | None, threads: int | None) -> None:
@@ -52,7 +56,10 @@ def serve(args) -> None:
     from saguaro.tokenizer import Tokenizer
 
     pin(args.cores, args.threads)
-    dist.init_process_group(backend_for(args.device), init_method=f"tcp://{args.master_addr}:{args.master_port}",
+    comm = args.device if args.backend == "nccl" else "cpu"  # where wire tensors live
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))
+    dist.init_process_group(args.backend, init_method=f"tcp://{args.master_addr}:{args.master_port}",
                             rank=WORKER, world_size=2, timeout=datetime.timedelta(seconds=args.timeout))
     dtype = getattr(torch, args.dtype)
     target = load_model(args.target, dtype=dtype, device=args.device)  # for its embeddings and vocabulary
@@ -62,9 +69,9 @@ def serve(args) -> None:
     del target
     drafter = SSDDrafter(draft, vocab, args.k, args.fanout, c=args.c, fallback=args.fallback)
     head = draft.output_token_ids
-    wire.send(wire.Ready(args.k, vocab if head is None else len(head)), ENGINE)
+    wire.send(wire.Ready(args.k, vocab if head is None else len(head)), ENGINE, comm)
     while True:
-        msg = wire.recv(ENGINE)
+        msg = wire.recv(ENGINE, comm)
         if isinstance(msg, wire.Shutdown):
             break
         if isinstance(msg, wire.Prefill):
@@ -83,7 +90,7 @@ def serve(args) -> None:
                 q = torch.stack([specs[i].q for i in sampled])
                 q = q if head is None else q[:, :, head]
             wire.send(wire.Speculations([s.tokens for s in specs], [s.hit for s in specs], sampled, q,
-                                        tree_s, drafter.fallback_s), ENGINE)
+                                        tree_s, drafter.fallback_s), ENGINE, comm)
             drafter.build_tree()  # overlaps the engine's verification of these speculations
     dist.destroy_process_group()
 
@@ -99,7 +106,8 @@ def worker_parser(p: argparse.ArgumentParser | None = None) -> argparse.Argument
     p.add_argument("--c", type=float, default=1.0)
     p.add_argument("--fallback", choices=["neural", "ngram", "none"], default="neural")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="the draft's device (cpu, cuda:1, ...)")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cores", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--timeout", type=float, default=60.0)
@@ -119,8 +127,11 @@ class RemoteDrafter:
                  c: float = 1.0, fallback: str = "neural", dtype: str = "float32", device: str = "cpu",
                  cores: list[int] | None = None, threads: int = 1, timeout: float = 60.0,
                  master_addr: str = "127.0.0.1", master_port: int | None = None, spawn: bool = True,
-                 head_ids: torch.Tensor | None = None):
+                 head_ids: torch.Tensor | None = None, engine_device: str = "cpu"):
+        """device: the worker's (draft's) device; engine_device: the target's."""
         self.k, self.vocab, self.head_ids = k, target_vocab, head_ids
+        backend = backend_for(engine_device, device)
+        self.comm = engine_device if backend == "nccl" else "cpu"
         self.tree_s = self.fallback_s = 0.0  # the worker's times, as reported with its last answer
         self.process = None
         port = master_port or free_port()
@@ -128,14 +139,14 @@ class RemoteDrafter:
             cmd = [sys.executable, "-m", "saguaro.ssd.worker", "--master-addr", master_addr, "--master-port", str(port),
                    "--target", str(target), "--draft", str(draft), "--k", str(k),
                    "--fanout", ",".join(map(str, fanout)), "--c", str(c), "--fallback", fallback,
-                   "--dtype", dtype, "--device", device, "--threads", str(threads), "--timeout", str(timeout)]
+                   "--dtype", dtype, "--device", device, "--backend", backend, "--threads", str(threads), "--timeout", str(timeout)]
             if cores:
                 cmd += ["--cores", ",".join(map(str, cores))]
             self.process = subprocess.Popen(cmd)
         try:
-            dist.init_process_group(backend_for(device), init_method=f"tcp://{master_addr}:{port}", rank=ENGINE,
+            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{port}", rank=ENGINE,
                                     world_size=2, timeout=datetime.timedelta(seconds=timeout))
-            ready = wire.recv(WORKER)
+            ready = wire.recv(WORKER, self.comm)
         except Exception as e:
             self._kill()
             raise WorkerError(f"draft worker did not start: {e}") from None
@@ -154,11 +165,11 @@ class RemoteDrafter:
     def prefill(self, seq_ids, prompts, params, seeds) -> None:
         msg = wire.Prefill(seq_ids, prompts, [float(p.temperature) for p in params], [float(p.top_p) for p in params],
                            [p.top_k for p in params], seeds)
-        self._call(wire.send, msg, WORKER)
+        self._call(wire.send, msg, WORKER, self.comm)
 
     def respond(self, outcomes, new_tokens, fanout: list[int], fallback: str) -> list[Speculation]:
-        self._call(wire.send, wire.Respond(outcomes, new_tokens, list(fanout), fallback), WORKER)
-        msg = self._call(wire.recv, WORKER)
+        self._call(wire.send, wire.Respond(outcomes, new_tokens, list(fanout), fallback), WORKER, self.comm)
+        msg = self._call(wire.recv, WORKER, self.comm)
         self.tree_s, self.fallback_s = msg.tree_s, msg.fallback_s
         qs = {}
         for j, row in enumerate(msg.sampled_rows):
@@ -176,12 +187,12 @@ class RemoteDrafter:
         pass
 
     def retire(self, keep: list[int]) -> None:
-        self._call(wire.send, wire.Retire(keep), WORKER)
+        self._call(wire.send, wire.Retire(keep), WORKER, self.comm)
 
     def close(self) -> None:
         try:
             if self.process is None or self.process.poll() is None:
-                wire.send(wire.Shutdown(), WORKER)
+                wire.send(wire.Shutdown(), WORKER, self.comm)
         except Exception:
             pass
         if self.process is not None:

@@ -15,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from saguaro import LLM, SamplingParams
 
@@ -34,11 +35,13 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def server():
-    llm = LLM(mode="ar")
+    threads = torch.get_num_threads()
+    llm = LLM(mode="ar", threads=1)  # one thread: far faster than two on a busy 2-core machine
     refs = {
         "completion": llm.generate(PROMPT, greedy(MAX_TOKENS))[0],
         "chat": llm.generate(CHAT, greedy(MAX_TOKENS), chat=True)[0],
         "long": llm.generate("Once upon a time", greedy(16, ignore_eos=True))[0],
+        "seeded": llm.generate(PROMPT, SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=8))[0],
         "burst": {c: llm.generate(c, greedy(BURST_TOKENS), chat=True)[0].text for c in CHATS},
     }
     from saguaro.serve.server import make_server
@@ -59,6 +62,7 @@ def server():
     srv.should_exit = True
     thread.join(60)
     llm.close()
+    torch.set_num_threads(threads)
 
 
 def auth(key: str = KEY) -> dict:
@@ -114,6 +118,12 @@ def test_chat_greedy_equals_generate(server, stream):
         text = out.choices[0].message.content
         assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
     assert text == ref.text
+
+
+def test_seeded_sampling_equals_generate(server):
+    kw = dict(model=server["model"], prompt=PROMPT, max_tokens=8, temperature=0.8, top_p=0.9, seed=7)
+    texts = [client(server).completions.create(**kw).choices[0].text for _ in range(2)]
+    assert texts == [server["refs"]["seeded"].text] * 2
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -231,3 +241,23 @@ def test_client_disconnect_frees_its_slot_and_other_streams_go_on(server):
     assert after["in_flight"] == 0
     assert after["requests_aborted"] == before["requests_aborted"] + 1
     assert after["tokens_generated"] - before["tokens_generated"] < 400  # it stopped well before 400
+
+
+def test_over_the_concurrency_limit_is_503(server, monkeypatch):
+    monkeypatch.setattr(server["engine"], "max_concurrency", 0)
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    monkeypatch.undo()
+    assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_a_client_that_gives_up_on_a_whole_response_frees_its_slot(server):
+    before = metrics(server)
+    body = {"model": server["model"], "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server["base"] + "/v1/completions", json=body, headers=auth(), timeout=1.0)
+    deadline = time.time() + 30
+    while metrics(server)["in_flight"] and time.time() < deadline:
+        time.sleep(0.1)
+    after = metrics(server)
+    assert after["in_flight"] == 0 and after["requests_aborted"] == before["requests_aborted"] + 1

@@ -40,7 +40,8 @@ def reply(llm, messages: list[dict[str, str]], params: SamplingParams, out: Text
 
 def metrics_line(seq: Sequence) -> str:
     m = seq.metrics()
-    parts = [f"{m['generated_tokens']} tokens", f"{m['tokens_per_s']:.1f} tokens/s", f"TTFT {1000 * m['ttft_s']:.0f} ms"]
+    parts = [f"{m['generated_tokens']} tokens", f"{m['tokens_per_s']:.1f} tokens/s",
+             f"TTFT {1000 * m['ttft_s']:.0f} ms"]
     if "acceptance_rate" in m:
         parts.append(f"acceptance {m['acceptance_rate']:.2f}")
     if "cache_hit_rate" in m:

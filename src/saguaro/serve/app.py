@@ -60,10 +60,15 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, context: int, api
     @app.get("/health")
     async def health():
         degraded = engine.degraded
-        status = "shutting_down" if not engine.accepting else ("degraded" if degraded else "ok")
+        if engine.failed:
+            status = "failed"
+        elif not engine.accepting:
+            status = "shutting_down"
+        else:
+            status = "degraded" if degraded else "ok"
         body = {"status": status, "mode": engine.mode, "model": model_name, "degraded": degraded,
-                "in_flight": engine.in_flight}
-        return JSONResponse(body, status_code=503 if status == "shutting_down" else 200)
+                "error": engine.failed, "in_flight": engine.in_flight}
+        return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -135,13 +140,19 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, context: int, api
 
     async def collect(request: Request, req: EngineRequest, shaper: Shaper):
         parts = []
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         try:
             while True:
                 try:
                     delta = await asyncio.wait_for(req.deltas.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    delta = None
+                if loop.time() >= next_check:  # nothing is sent before the end, so ask whether anyone waits
+                    next_check = loop.time() + DISCONNECT_POLL_S
                     if await request.is_disconnected():
                         return Response(status_code=499)  # nobody reads it; finally frees the row
+                if delta is None:
                     continue
                 if delta.error:
                     raise APIError(503, delta.error)

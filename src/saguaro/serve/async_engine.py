@@ -64,6 +64,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._deadline: float | None = None  # after it, requests still in flight are failed
         self._closing = False
+        self.failed: str | None = None  # why the engine loop stopped, if an engine step raised
         self._thread = threading.Thread(target=self._run, name="saguaro-engine", daemon=True)
 
     @property
@@ -88,7 +89,7 @@ class AsyncEngine:
         self.engine.check(seq)  # reads only the model config: safe from this thread
         with self._lock:
             if not self.accepting:
-                raise Unavailable("the server is shutting down")
+                raise Unavailable(self.failed or "the server is shutting down")
             if self._in_flight >= self.max_concurrency:
                 raise Unavailable(f"the server is at its limit of {self.max_concurrency} requests in flight; "
                                   "retry later")
@@ -129,15 +130,22 @@ class AsyncEngine:
         try:
             while not self._closing:
                 self._wake.clear()
-                self._take_inbox()
-                if self._deadline is not None and time.monotonic() > self._deadline:
-                    self._fail_all("the server shut down before this request finished")
-                if not self.engine.has_work():
-                    self._wake.wait(0.5)
-                    continue
-                self._step()
+                try:
+                    self._take_inbox()
+                    if self._deadline is not None and time.monotonic() > self._deadline:
+                        self._fail_all("the server shut down before this request finished")
+                    if not self.engine.has_work():
+                        self._wake.wait(0.5)
+                        continue
+                    self._step()
+                except Exception as e:  # the engine's state is unknown now: fail everything, take nothing new
+                    log.exception("the engine failed")
+                    with self._lock:
+                        self.accepting = False
+                    self.failed = f"the engine failed: {type(e).__name__}: {e}"
+                    break
             self._take_inbox()
-            self._fail_all("the server shut down before this request finished")
+            self._fail_all(self.failed or "the server shut down before this request finished")
         finally:
             try:
                 self.engine.close()
@@ -159,12 +167,7 @@ class AsyncEngine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        try:
-            changed = self.engine.step()
-        except Exception as e:
-            log.exception("engine step failed")
-            self._fail_all(f"the engine failed: {e}")
-            return
+        changed = self.engine.step()
         new_tokens = 0
         for seq in changed:
             req = self._live.get(seq.id)

@@ -1,0 +1,104 @@
+"""Serving parts without a server: incremental detokenization, Engine.abort, the engine thread's failure path."""
+
+from __future__ import annotations
+
+import asyncio
+
+from saguaro.engine.base import AREngine
+from saguaro.engine.sequence import Sequence
+from saguaro.sampling import SamplingParams
+from saguaro.serve.async_engine import AsyncEngine
+from saguaro.serve.detokenizer import REPLACEMENT, IncrementalDetokenizer
+
+TEXT = "Café ☕, 世界 and a cactus 🌵🌵 — naïve déjà vu.\n"
+
+
+def stream(tokenizer, ids: list[int], stop=None) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer, stop)
+    deltas = [detok.update(ids[:n], final=n == len(ids)) for n in range(1, len(ids) + 1)]
+    return [d for d in deltas if d]
+
+
+def test_multibyte_characters_split_over_tokens_stream_whole(embedded):
+    tokenizer = embedded[2]
+    ids = tokenizer.encode(TEXT)
+    assert any(REPLACEMENT in tokenizer.decode(ids[:n]) for n in range(len(ids)))  # some tokens split a character
+    deltas = stream(tokenizer, ids)
+    assert "".join(deltas) == tokenizer.decode(ids) == TEXT
+    assert not any(REPLACEMENT in d for d in deltas)
+
+
+def test_stop_strings_are_held_back_then_cut(embedded):
+    tokenizer = embedded[2]
+    ids = tokenizer.encode(TEXT)
+    for stop in (["世界"], ["cactus 🌵", "zzz"], ["vu.\n"], ["nowhere"]):
+        expected = TEXT
+        for s in stop:
+            expected = expected[: expected.find(s)] if s in expected else expected
+        deltas = stream(tokenizer, ids, stop)
+        assert "".join(deltas) == expected
+        assert not any(s in "".join(deltas) for s in stop)
+
+
+def test_abort_frees_rows_and_leaves_the_others_exact(embedded):
+    _, model, tokenizer = embedded
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = [tokenizer.encode(p) for p in ("def add(a, b):", "Hello there", "The sky is")]
+    alone = Sequence(prompts[0], params)
+    AREngine(model, tokenizer.stop_token_ids).run([alone])
+
+    engine = AREngine(model, tokenizer.stop_token_ids, max_batch_size=2)
+    seqs = [Sequence(p, params) for p in prompts]
+    for s in seqs:
+        engine.add(s)
+    engine.step()  # two run, the third waits
+    engine.abort(seqs[2])
+    assert seqs[2].finish_reason == "abort" and not engine.waiting
+    engine.abort(seqs[1])
+    assert engine.running == [seqs[0]] and engine.cache.batch == 1
+    while engine.has_work():
+        engine.step()
+    assert seqs[0].output_ids == alone.output_ids
+    assert len(seqs[1].output_ids) < 10 and seqs[2].output_ids == []
+
+
+class BrokenEngine:
+    mode = "ar"
+    lookahead = 1
+
+    def __init__(self):
+        self.waiting, self.closed = [], False
+
+    def check(self, seq):
+        pass
+
+    def add(self, seq):
+        self.waiting.append(seq)
+
+    def has_work(self):
+        return bool(self.waiting)
+
+    def step(self):
+        raise RuntimeError("boom")
+
+    def abort(self, seq, reason="abort"):
+        self.waiting.remove(seq)
+        seq.finish_reason = reason
+
+    def close(self):
+        self.closed = True
+
+
+def test_an_engine_failure_fails_requests_and_refuses_new_ones(embedded):
+    broken = BrokenEngine()
+    engine = AsyncEngine(broken, embedded[2])
+
+    async def go():
+        engine.start()
+        req = engine.submit([1, 2, 3], SamplingParams(max_tokens=4))
+        return await asyncio.wait_for(req.deltas.get(), 30)
+
+    delta = asyncio.run(go())
+    assert delta.error and "boom" in delta.error
+    engine.close()
+    assert broken.closed and engine.failed and not engine.accepting and engine.in_flight == 0

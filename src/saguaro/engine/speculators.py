@@ -101,15 +101,21 @@ class NeuralSpeculator(Speculator):
         self.cache.lengths += counts
         tokens, qs = [], []
         generators = [s.generator for s in seqs]
+        greedy = all(s.params.greedy for s in seqs)  # argmax over the head, no q over the whole vocabulary
+        out_ids = self.draft.output_token_ids
         for step in range(k):
-            q = self.draft_distribution(logits, [s.params for s in seqs])
-            tokens.append(sample(q, generators))
-            qs.append(q)
+            if greedy:
+                token = logits.argmax(-1)
+                tokens.append(token if out_ids is None else out_ids[token])
+            else:
+                q = self.draft_distribution(logits, [s.params for s in seqs])
+                tokens.append(sample(q, generators))
+                qs.append(q)
             if step < k - 1:
                 logits = self.draft(tokens[-1][:, None], self.cache)[:, -1]
                 self.cache.lengths += 1
         self._k = k
-        return Proposal(torch.stack(tokens, 1), torch.stack(qs, 1))
+        return Proposal(torch.stack(tokens, 1), torch.stack(qs, 1) if qs else None)
 
     def commit(self, accepted: list[int]) -> None:
         extra = torch.tensor([min(a, self._k - 1) for a in accepted], device=self.cache.lengths.device)

@@ -158,13 +158,19 @@ class SSDDrafter:
         # keep the context's KV; the tree re-feeds the last context token and the proposals
         view.lengths[:] = torch.tensor([len(r.tokens) - 1 for r in sub], device=dev)
         self.jit.cache.put_rows(rows, view)
-        toks, q_all = torch.stack(tokens, 1), torch.stack(qs, 1)
-        return [Speculation(toks[j].tolist(), None if r.params.greedy else q_all[j].cpu(), source="neural")
+        toks = torch.stack(tokens, 1)
+        q_all = None if qs[0] is None else torch.stack(qs, 1).cpu()
+        return [Speculation(toks[j].tolist(), None if r.params.greedy else q_all[j], source="neural")
                 for j, r in enumerate(sub)]
 
-    def _draw(self, logits: torch.Tensor, rows: list[DraftRow], top_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, logits: torch.Tensor, rows: list[DraftRow], top_f: int
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draw one token per row from the draft's q, under sigma_{F,C} for sampled rows; return
         the tokens and the distribution they were drawn from (which the verifier must use)."""
+        if all(r.params.greedy for r in rows):  # argmax over the head: no q over the whole vocabulary
+            token = logits.argmax(-1)
+            out_ids = self.draft.output_token_ids
+            return (token if out_ids is None else out_ids[token]), None
         q = self.jit.draft_distribution(logits, [r.params for r in rows])
         if self.c < 1.0 and top_f > 0:
             sampled = torch.tensor([not r.params.greedy for r in rows])
@@ -237,9 +243,10 @@ class SSDDrafter:
             token, q = self._draw(out.reshape(b * nb, -1), [r for r in self.rows for _ in range(nb)], self.fanout[d])
             cur = token.view(b, nb)
             tokens.append(cur)
-            qs.append(q.view(b, nb, -1))
+            qs.append(None if q is None else q.view(b, nb, -1))
         # 4. the speculation cache
-        all_tokens, all_q = torch.stack(tokens, 2).cpu(), torch.stack(qs, 2).cpu()  # [B, N, K], [B, N, K, V]
+        all_tokens = torch.stack(tokens, 2).cpu()  # [B, N, K]
+        all_q = None if qs[0] is None else torch.stack(qs, 2).cpu()  # [B, N, K, V]
         kb, tok0 = kb.cpu(), tok0.cpu()
         for i, row in enumerate(self.rows):
             greedy = row.params.greedy

@@ -29,7 +29,7 @@ def plot_bench(report: dict, path: str) -> None:
     """Grouped bars: datasets on x, one bar per mode; each bar says its speedup vs AR."""
     results, cfg = report["results"], report["config"]
     datasets, modes = list(results), list(cfg["modes"])
-    fig, ax = new_figure(max(6.0, 1.6 + 1.1 * len(datasets) * len(modes) * 0.45))
+    fig, ax = new_figure(max(7.0, 3.0 + 0.5 * len(datasets) * len(modes)))
     width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(datasets))]
@@ -42,10 +42,10 @@ def plot_bench(report: dict, path: str) -> None:
                             ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set_xlabel("prompt set")
-    ax.set_ylabel("decode throughput (tokens/s, higher is better)")
+    ax.set_ylabel("throughput (generated tokens/s, prefill included)")
     ax.set_title(f"saguaro bench: {cfg['num_prompts']} prompts x {cfg['max_tokens']} tokens, "
                  f"T={cfg['temperature']}, K={cfg['k']}, batch {cfg.get('batch_size', 1)} "
                  f"(labels: speedup vs ar)", fontsize=9)
-    ax.legend(title="mode", fontsize=8)
+    ax.legend(title="mode", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.margins(y=0.15)
     save_figure(fig, path)

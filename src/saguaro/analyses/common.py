@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from saguaro.prompts import load_prompts
 from saguaro.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+START_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
 @dataclass
@@ -70,19 +73,24 @@ def fanout_of(engine) -> list[int] | None:
     return list(policy.fanout) if policy is not None else getattr(engine, "fanout", None)
 
 
+def warm_up(engine, prompt: list[int], temperature: float) -> None:
+    """One short generation, excluded from measurements (first-call costs, the worker's first round)."""
+    EngineRunner(engine).generate([prompt], [SamplingParams(temperature=temperature, max_tokens=4, seed=0)])
+
+
 def run_prompts(engine, prompts: list[list[int]], opts: AnalysisOptions, temperature: float,
-                batch_size: int = 1, warmup: bool = False) -> dict:
+                batch_size: int = 1) -> dict:
     """Generate every prompt (batches of batch_size, seed = opts.seed + prompt index) and summarize
     as `saguaro bench` does: tokens/s, acceptance, mean accepted length, cache hit rate, ..."""
     runner = EngineRunner(engine)
 
-    def params(i: int, tokens: int = opts.max_tokens) -> SamplingParams:
-        return SamplingParams(temperature=temperature, max_tokens=tokens, seed=opts.seed + i)
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(temperature=temperature, max_tokens=opts.max_tokens, seed=opts.seed + i)
 
-    if warmup:
-        run_batch(runner, prompts[:1], [params(0, 4)])
-    batches = [run_batch(runner, prompts[i: i + batch_size], [params(j) for j in range(i, min(i + batch_size, len(prompts)))])
-               for i in range(0, len(prompts), batch_size)]
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start: start + batch_size]
+        batches.append(run_batch(runner, chunk, [params(start + j) for j in range(len(chunk))]))
     out = summarize(batches)
     if out.get("rounds"):
         out["tokens_per_round"] = (out["tokens"] - out["prompts"]) / out["rounds"]  # the first token is prefill's
@@ -90,7 +98,14 @@ def run_prompts(engine, prompts: list[list[int]], opts: AnalysisOptions, tempera
 
 
 def timed_engine(llm, opts: AnalysisOptions, **kw):
-    """An SSD engine for a speed measurement: the worker unless --no-worker."""
+    """An SSD engine for a speed measurement: the worker unless --no-worker.
+
+    A worker engine pins this process to the cores it leaves the target, and the next worker engine
+    would then see only those cores and share the target's core. Analyses make one worker engine
+    after another, so each starts from the cores this process had at import time.
+    """
+    if opts.worker and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, START_CORES)
     return ssd_engine(llm, opts, worker=opts.worker, **kw)
 
 

@@ -7,14 +7,18 @@ the b sequences missed, so the n-gram backup wins from some batch size b* on (ss
 1. Costs, in-process at batch 1 (deterministic): one run per backup gives p_hit, tokens per round
    after a hit and after each backup's miss, and the tree's and the backup's time per round in
    units of one verification; b* = fallback_switch_batch(...) of those.
-2. Measured: for each batch size, SSD with each backup (the worker engine) generates b prompts at
-   once (the prompt list cycled to b, every copy its own seed); total tokens/s.
+2. Measured: SSD with each backup (the worker engine) generates the same workload at every batch
+   size b: the prompt list cycled to the largest batch size (every copy its own seed), in batches
+   of b; total tokens/s.
 3. The model's per-sequence speedup (tokens per verification) for both backups vs batch size.
 """
 
 from __future__ import annotations
 
-from saguaro.analyses.common import AnalysisOptions, chat_prompts, run_prompts, ssd_engine, timed_engine, write_outputs
+from matplotlib.ticker import FormatStrFormatter
+
+from saguaro.analyses.common import (AnalysisOptions, chat_prompts, run_prompts, ssd_engine, timed_engine, warm_up,
+                                     write_outputs)
 from saguaro.analyses.recorder import RoundRecorder
 from saguaro.bench_plot import new_figure
 from saguaro.ssd.speedup import fallback_switch_batch, ssd_speedup
@@ -27,7 +31,7 @@ def measure_costs(llm, opts: AnalysisOptions, prompts: list[list[int]]) -> dict:
     costs = {}
     for backup in BACKUPS:
         engine = ssd_engine(llm, opts, fallback=backup)
-        run_prompts(engine, prompts[:1], opts, opts.temperature)  # warm-up, not recorded
+        warm_up(engine, prompts[0], opts.temperature)
         recorder = RoundRecorder(engine)
         try:
             run_prompts(engine, prompts, opts, opts.temperature)
@@ -38,18 +42,25 @@ def measure_costs(llm, opts: AnalysisOptions, prompts: list[list[int]]) -> dict:
 
 
 def model_inputs(costs: dict) -> dict | None:
-    """The arguments of ssd_speedup / fallback_switch_batch, or None if a quantity was never observed."""
+    """The arguments of fallback_switch_batch: p_hit, the tree's cost and the tokens after a hit from
+    the neural run; each backup's tokens and time after its misses from its own run. None if a run
+    saw no lookups; a backup that never missed gets 1 token at no cost (its weight is 1 - p_hit)."""
     neural, ngram = costs["neural"], costs["ngram"]
-    inputs = {
+    if neural["p_hit"] is None or neural["t_primary"] is None:
+        return None
+
+    def given(value, default):
+        return default if value is None else value
+
+    return {
         "p_hit": neural["p_hit"],
-        "tokens_hit": neural["tokens_hit"],
+        "tokens_hit": given(neural["tokens_hit"], 1.0),
         "t_primary": neural["t_primary"],
-        "tokens_neural": neural["tokens_miss"],
-        "t_neural": neural["t_backup"],
-        "tokens_ngram": ngram["tokens_miss"],
-        "t_ngram": ngram["t_backup"] or 0.0,
+        "tokens_neural": given(neural["tokens_miss"], 1.0),
+        "t_neural": given(neural["t_backup"], 0.0),
+        "tokens_ngram": given(ngram["tokens_miss"], 1.0),
+        "t_ngram": given(ngram["t_backup"], 0.0),
     }
-    return None if any(v is None for v in inputs.values()) else inputs
 
 
 def model_curves(inputs: dict, max_batch: int) -> dict:
@@ -68,13 +79,13 @@ def run(llm, opts: AnalysisOptions) -> dict:
     b_star = fallback_switch_batch(**inputs) if inputs else None
     measured = {backup: [] for backup in BACKUPS}
     biggest = max(opts.batch_sizes)
+    workload = [prompts[i % len(prompts)] for i in range(biggest)]
     for backup in BACKUPS:
         engine = timed_engine(llm, opts, fallback=backup, max_batch_size=biggest)
         try:
-            run_prompts(engine, prompts[:1], opts, opts.temperature)  # warm-up
+            warm_up(engine, prompts[0], opts.temperature)
             for b in opts.batch_sizes:
-                batch = [prompts[i % len(prompts)] for i in range(b)]
-                summary = run_prompts(engine, batch, opts, opts.temperature, batch_size=b)
+                summary = run_prompts(engine, workload, opts, opts.temperature, batch_size=b)
                 measured[backup].append({"batch": b, "tokens_per_s": summary["tokens_per_s"],
                                          "cache_hit_rate": summary.get("cache_hit_rate"),
                                          "mean_accepted": summary.get("mean_accepted")})
@@ -99,10 +110,12 @@ def plot(data: dict):
         if b_star is not None:
             ax.axvline(b_star, color="gray", ls="--", label=f"b* = {b_star} (model)")
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.set_xlabel("batch size b (sequences, log scale)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     where = "draft worker" if data["worker"] else "in-process drafter"
-    left.set_ylabel("decode throughput (tokens/s, all sequences)")
+    left.set_ylabel("throughput (generated tokens/s, all sequences)")
     left.set_title(f"measured SSD speed ({where}), K={data['k']}, T={data['temperature']}", fontsize=9)
     right.set_ylabel("tokens per verification, per sequence")
     right.set_title("Theorem 7 model with the measured costs"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from matplotlib.ticker import FormatStrFormatter
 
 from saguaro.analyses.common import AnalysisOptions, chat_prompts, run_prompts, ssd_engine, write_outputs
 from saguaro.analyses.recorder import RoundRecorder
@@ -24,6 +25,7 @@ from saguaro.bench_plot import new_figure
 log = logging.getLogger(__name__)
 
 NAME = "hit_vs_fanout"
+MIN_LOOKUPS_TO_DRAW_FIT = 5  # the JSON has every fit; the plot skips those from a handful of lookups
 
 
 def hit_curve(ranks: list[int | None], max_fanout: int) -> list[float]:
@@ -92,17 +94,20 @@ def plot(data: dict):
         ok = miss > 0
         right.plot(fs[ok], miss[ok], "o", ms=3, color=line.get_color())
         r = (p.get("fit") or {}).get("r")
-        if r is not None:
+        if r is not None and p["lookups"] >= MIN_LOOKUPS_TO_DRAW_FIT:
             right.plot(fs, fs ** -r, "--", color=line.get_color(), label=f"{label}: r={r:.2f}")
     left.set_xlabel("fan-out F at the position (branches)")
     left.set_ylabel("cache hit rate p_hit (fraction of lookups)")
     left.set_ylim(0, 1)
     left.set_title(f"hit rate vs fan-out, K={data['k']}, T={data['temperature']}", fontsize=9)
-    left.legend(fontsize=7, title="outcome position")
-    right.set_xscale("log")
+    if series:
+        left.legend(fontsize=7, title="outcome position")
+    right.set_xscale("log", base=2)
+    right.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     right.set_yscale("log")
     right.set_xlabel("fan-out F (branches, log scale)")
     right.set_ylabel("miss rate 1 - p_hit (log scale)")
-    right.set_title("measured (dots) and fitted 1 - p_hit = F^-r (dashed)", fontsize=9)
-    right.legend(fontsize=7)
+    right.set_title(f"measured (dots), fitted 1 - p_hit = F^-r (dashed, n >= {MIN_LOOKUPS_TO_DRAW_FIT})", fontsize=9)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=7)
     return fig

@@ -21,8 +21,15 @@ PRIOR_ACCEPTANCE = 0.6  # a_p before anything is measured
 PRIOR_R = 0.5  # power-law exponent of misses vs fan-out
 
 
-def available_cores() -> list[int]:
+def _affinity() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+PROCESS_CORES = _affinity()  # as the process started, before an SSD engine pins the target to fewer
+
+
+def available_cores() -> list[int]:
+    return list(PROCESS_CORES)
 
 
 def draft_device(target_device: str) -> str:

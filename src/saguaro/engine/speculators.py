@@ -80,6 +80,12 @@ class NeuralSpeculator(Speculator):
         else:
             self.cache.extend(cache)
 
+    def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draft's argmax as target token ids, without building q over the whole vocabulary."""
+        token = logits.argmax(-1)
+        out_ids = self.draft.output_token_ids
+        return token if out_ids is None else out_ids[token]
+
     def draft_distribution(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """q over the target's vocabulary (zero outside a reduced draft head), under each row's params."""
         if self.draft.output_token_ids is not None:
@@ -101,12 +107,10 @@ class NeuralSpeculator(Speculator):
         self.cache.lengths += counts
         tokens, qs = [], []
         generators = [s.generator for s in seqs]
-        greedy = all(s.params.greedy for s in seqs)  # argmax over the head, no q over the whole vocabulary
-        out_ids = self.draft.output_token_ids
+        greedy = all(s.params.greedy for s in seqs)
         for step in range(k):
             if greedy:
-                token = logits.argmax(-1)
-                tokens.append(token if out_ids is None else out_ids[token])
+                tokens.append(self.greedy_tokens(logits))
             else:
                 q = self.draft_distribution(logits, [s.params for s in seqs])
                 tokens.append(sample(q, generators))

@@ -62,10 +62,8 @@ class SSDEngine(Engine):
         policy: fan-out and fallback per round (default: the drafter's own, never refitted)."""
         super().__init__(target, stop_token_ids, max_batch_size)
         self.drafter, self.k = drafter, k
-        if policy is None:
-            inner = drafter.drafter if isinstance(drafter, LocalDrafter) else drafter
-            policy = SaguaroPolicy(k, sum(inner.fanout), 0.5, 1.0, fallback=inner.fallback, fit=False)
-            policy.fanout = list(inner.fanout)
+        if policy is None:  # an in-process drafter keeps the fan-out and fallback it was built with
+            policy = SaguaroPolicy.fixed(drafter.drafter.fanout, drafter.drafter.fallback)
         self.policy = policy
         self.tree_fanout = [0] * (k + 1)  # the fan-out of the tree being built now
         self.local_fallback = local_fallback

@@ -167,10 +167,8 @@ class SSDDrafter:
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draw one token per row from the draft's q, under sigma_{F,C} for sampled rows; return
         the tokens and the distribution they were drawn from (which the verifier must use)."""
-        if all(r.params.greedy for r in rows):  # argmax over the head: no q over the whole vocabulary
-            token = logits.argmax(-1)
-            out_ids = self.draft.output_token_ids
-            return (token if out_ids is None else out_ids[token]), None
+        if all(r.params.greedy for r in rows):
+            return self.jit.greedy_tokens(logits), None
         q = self.jit.draft_distribution(logits, [r.params for r in rows])
         if self.c < 1.0 and top_f > 0:
             sampled = torch.tensor([not r.params.greedy for r in rows])

@@ -103,6 +103,13 @@ class SaguaroPolicy:
     def __post_init__(self):
         self.fanout = self._shape(self.acceptance, self.r)
 
+    @classmethod
+    def fixed(cls, fanout: list[int], fallback: str) -> SaguaroPolicy:
+        """A policy that keeps this fan-out and fallback (no fitting, no switching)."""
+        policy = cls(len(fanout) - 1, sum(fanout), acceptance=0.5, r=1.0, fallback=fallback, fit=False)
+        policy.fanout = list(fanout)
+        return policy
+
     def _shape(self, a: float, r: float) -> list[int]:
         if self.shape == "uniform":
             return uniform_fanout(self.budget, self.k)

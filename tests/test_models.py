@@ -82,3 +82,19 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     bad.write_bytes(b"GGUF-but-not-really")
     with pytest.raises(CheckpointError, match="GGUF"):
         load_model(bad)
+
+
+def test_packed_linear_matches_nn_linear_and_follows_weight_updates():
+    from saguaro.models.linear import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(32, 48)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert torch.allclose(layer(x), want, atol=1e-5)
+        layer.weight.mul_(2.0)  # an optimizer step: the packed copy must not go stale
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    y = layer(x)  # with autograd: the plain path, gradients flow
+    y.sum().backward()
+    assert layer.weight.grad is not None

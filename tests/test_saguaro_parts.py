@@ -84,6 +84,7 @@ def test_speedup_model_limits():
     assert ssd_speedup(1.0, e, 1.0, 0.5, 0.3) == pytest.approx(e)  # all hits, draft hidden
     assert ssd_speedup(1.0, e, 1.0, 1.5, 0.3) == pytest.approx(e / 1.5)  # draft slower than verify
     assert ssd_speedup(0.0, e, 2.0, 0.5, 0.3) == pytest.approx(2.0 / 1.3)  # all misses
+    assert ssd_speedup(0.0, e, 2.0, 1.5, 0.3) == pytest.approx(2.0 / 1.8)  # a miss waits for the tree too
     assert ssd_speedup(0.9, e, e, 0.5, 0.3, batch=8) < ssd_speedup(0.9, e, e, 0.5, 0.3, batch=1)
 
 

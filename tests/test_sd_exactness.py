@@ -147,6 +147,17 @@ def test_sampled_sd_follows_target_distribution(kind, temperature):
     assert chi2_pvalue(samples, exact_joint(target, prompt, temperature)) > 0.01
 
 
+# A draft head over 8 of the 12 tokens, not in id order: q is drawn over the head and expanded.
+REDUCED_HEAD = [5, 0, 3, 11, 2, 7, 1, 9]
+
+
+def test_sampled_sd_with_reduced_draft_head_follows_target_distribution():
+    target, _, prompt = statistical_setup("neural")
+    draft = tiny_model(12, SMALL_VOCAB, scale=0.6, output_token_ids=REDUCED_HEAD)
+    samples = sd_samples(target, NeuralSpeculator(draft, SMALL_VOCAB), prompt, 1.0, k=2)
+    assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) > 0.01
+
+
 def wrong_verify(draft_tokens, q, p, generators):
     """Negative control: on rejection resample from p instead of the residual max(0, p - q)."""
     from saguaro.sampling import uniform

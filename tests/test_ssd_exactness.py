@@ -8,11 +8,11 @@ import pytest
 from saguaro.engine.base import AREngine
 from saguaro.engine.sequence import Sequence
 from saguaro.engine.ssd import LocalDrafter, SSDEngine
-from saguaro.sampling import SamplingParams
+from saguaro.sampling import SamplingParams, target_probs
 from saguaro.ssd.drafter import SSDDrafter
 from saguaro.ssd.fanout import geometric_fanout
 from saguaro.ssd.online import SaguaroPolicy
-from tests.test_sd_exactness import (N_SAMPLES, SMALL_VOCAB, STOP, VOCAB, chi2_pvalue, exact_joint, prompts, run)
+from tests.test_sd_exactness import (N_SAMPLES, REDUCED_HEAD, SMALL_VOCAB, STOP, VOCAB, chi2_pvalue, exact_joint, prompts, run)
 from tests.tiny import perturbed, tiny_model
 
 
@@ -106,12 +106,20 @@ def test_sampled_ssd_with_online_policy_follows_target_distribution():
     assert chi2_pvalue(samples, exact_joint(target, prompt, 0.7)) > 0.01
 
 
+def test_sampled_ssd_with_reduced_draft_head_follows_target_distribution():
+    target, _, prompt = stat_setup()
+    draft = tiny_model(12, SMALL_VOCAB, scale=0.6, output_token_ids=REDUCED_HEAD)
+    samples, seqs = ssd_samples(target, draft, prompt, 1.0, 2, [2, 1, 2], 0.5)
+    assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) > 0.01
+    assert sum(s.stats.cache_hits for s in seqs) > 0
+
+
 class DrafterIgnoringC(SSDDrafter):
     """Negative control: draws from sigma_{F,C}(q) but hands the verifier the plain q."""
 
     def _draw(self, logits, rows, top_f):
         token, _ = super()._draw(logits, rows, top_f)
-        return token, self.jit.draft_distribution(logits, [r.params for r in rows])
+        return token, target_probs(logits, [r.params for r in rows])
 
 
 def test_negative_control_verifier_ignoring_c_fails():

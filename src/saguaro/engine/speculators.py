@@ -80,20 +80,29 @@ class NeuralSpeculator(Speculator):
         else:
             self.cache.extend(cache)
 
+    def head_to_target(self, head_token: torch.Tensor) -> torch.Tensor:
+        """Draft-head indices -> target token ids."""
+        out_ids = self.draft.output_token_ids
+        return head_token if out_ids is None else out_ids[head_token]
+
     def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         """The draft's argmax as target token ids, without building q over the whole vocabulary."""
-        token = logits.argmax(-1)
-        out_ids = self.draft.output_token_ids
-        return token if out_ids is None else out_ids[token]
+        return self.head_to_target(logits.argmax(-1))
 
-    def draft_distribution(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """q over the target's vocabulary (zero outside a reduced draft head), under each row's params."""
-        if self.draft.output_token_ids is not None:
-            full = logits.new_full((logits.shape[0], self.target_vocab), float("-inf"))
-            logits = full.index_copy_(1, self.draft.output_token_ids, logits)
-        elif logits.shape[-1] < self.target_vocab:
-            logits = torch.nn.functional.pad(logits, (0, self.target_vocab - logits.shape[-1]), value=float("-inf"))
-        return target_probs(logits, params)
+    def to_target_vocab(self, q: torch.Tensor) -> torch.Tensor:
+        """q over the draft head [..., V_draft] -> over the target's vocabulary, zero off the head.
+
+        Temperature, top-k, top-p and sigma_{F,C} give the same distribution whether applied over the
+        head or over the full vocabulary with -inf logits off the head, so drafters can work in the
+        (smaller) head and expand only what the verifier needs."""
+        if q.shape[-1] == self.target_vocab:
+            return q
+        full = q.new_zeros(*q.shape[:-1], self.target_vocab)
+        out_ids = self.draft.output_token_ids
+        if out_ids is None:  # a head over the first V_draft target ids
+            full[..., : q.shape[-1]] = q
+            return full
+        return full.index_copy_(-1, out_ids.to(q.device), q)
 
     def propose(self, seqs: list[Sequence], k: int) -> Proposal:
         # Feed what the draft has not seen: the target's last token, plus the last accepted draft
@@ -112,18 +121,19 @@ class NeuralSpeculator(Speculator):
             if greedy:
                 tokens.append(self.greedy_tokens(logits))
             else:
-                q = self.draft_distribution(logits, [s.params for s in seqs])
-                tokens.append(sample(q, generators))
+                q = target_probs(logits, [s.params for s in seqs])  # over the head; expanded below
+                tokens.append(self.head_to_target(sample(q, generators)))
                 qs.append(q)
             if step < k - 1:
                 logits = self.draft(tokens[-1][:, None], self.cache)[:, -1]
                 self.cache.lengths += 1
         self._k = k
-        return Proposal(torch.stack(tokens, 1), torch.stack(qs, 1) if qs else None)
+        return Proposal(torch.stack(tokens, 1), self.to_target_vocab(torch.stack(qs, 1)) if qs else None)
 
     def commit(self, accepted: list[int]) -> None:
         extra = torch.tensor([min(a, self._k - 1) for a in accepted], device=self.cache.lengths.device)
         self.cache.lengths += extra - (self._k - 1)
 
     def retire(self, keep: list[int]) -> None:
-        self.cache.select_rows(keep)
+        if self.cache is not None:  # None until the first prefill
+            self.cache.select_rows(keep)

@@ -38,6 +38,9 @@ class LocalDrafter:
         self.tree_s = self.drafter.tree_s
         specs = self.drafter.respond(outcomes, new_tokens)
         self.fallback_s = self.drafter.fallback_s
+        for spec in specs:
+            if spec.q is not None:
+                spec.q = self.drafter.target_q(spec.q)
         return specs
 
     def build_tree(self) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from saguaro.config import ModelConfig
 from saguaro.kv_cache import KVCache
+from saguaro.models.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -82,8 +83,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.o = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o = Linear(q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_eps) if config.qk_norm else None
 
@@ -128,8 +129,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)

@@ -8,6 +8,7 @@ from torch import nn
 from saguaro.config import ModelConfig
 from saguaro.kv_cache import KVCache
 from saguaro.models.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from saguaro.models.linear import Linear
 
 
 class CausalLM(nn.Module):
@@ -19,7 +20,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.rotary = RotaryEmbedding(config)
         out_ids = config.output_token_ids
-        self.lm_head = nn.Linear(config.hidden_size, len(out_ids) if out_ids else config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, len(out_ids) if out_ids else config.vocab_size, bias=False)
         if config.tie_embeddings and not out_ids:
             self.lm_head.weight = self.embed.weight
         # Target-vocabulary id of each output row; None means the head covers the whole vocabulary.

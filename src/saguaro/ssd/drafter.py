@@ -37,7 +37,7 @@ def draft_seed(seed: int) -> int:
 @dataclass
 class Speculation:
     tokens: list[int]
-    q: torch.Tensor | None  # [K, V] over the target vocabulary; None for deterministic proposals
+    q: torch.Tensor | None  # [K, V_draft] over the draft head (target_q expands it); None if deterministic
     hit: bool = False
     source: str = "tree"  # "tree" (cache hit), or the fallback: "neural", "ngram" or "none"
 
@@ -127,6 +127,10 @@ class SSDDrafter:
             row.speculation = spec
         return out
 
+    def target_q(self, q: torch.Tensor) -> torch.Tensor:
+        """A speculation's q over the draft head -> over the target vocabulary (what the verifier uses)."""
+        return self.jit.to_target_vocab(q)
+
     def _fallback(self, rows: list[int]) -> list[Speculation]:
         if self.fallback == "ngram":
             return [Speculation(self.ngram.lookup(self.rows[i].tokens, self.k), None, source="ngram") for i in rows]
@@ -166,14 +170,15 @@ class SSDDrafter:
     def _draw(self, logits: torch.Tensor, rows: list[DraftRow], top_f: int
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draw one token per row from the draft's q, under sigma_{F,C} for sampled rows; return
-        the tokens and the distribution they were drawn from (which the verifier must use)."""
+        the tokens (target ids) and the distribution they were drawn from, over the draft head
+        (the verifier must use that q, expanded to the target vocabulary)."""
         if all(r.params.greedy for r in rows):
             return self.jit.greedy_tokens(logits), None
-        q = self.jit.draft_distribution(logits, [r.params for r in rows])
+        q = target_probs(logits, [r.params for r in rows])
         if self.c < 1.0 and top_f > 0:
-            sampled = torch.tensor([not r.params.greedy for r in rows])
+            sampled = torch.tensor([not r.params.greedy for r in rows], device=q.device)
             q = torch.where(sampled[:, None], saguaro_distribution(q, top_f, self.c), q)
-        return sample(q, [r.generator for r in rows]), q
+        return self.jit.head_to_target(sample(q, [r.generator for r in rows])), q
 
     # ------------------------------------------------------------------ the tree
     @torch.inference_mode()

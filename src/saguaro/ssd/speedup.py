@@ -3,7 +3,9 @@ backup speculator should replace just-in-time neural drafting on a cache miss.
 
 Times are in units of one target verification. A round where every sequence hits the speculation
 cache takes max(1, T_p) (the draft works while the target verifies); if any sequence misses, the
-round waits for the backup: 1 + T_b. With batch b a round is all-hit with probability p_hit^b.
+round also waits for the backup. The paper charges a miss 1 + T_b; our worker answers only once its
+tree is built, so a miss costs max(1, T_p) + T_b, which is the paper's form whenever the tree fits
+inside a verification (T_p <= 1). With batch b a round is all-hit with probability p_hit^b.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def ssd_speedup(p_hit: float, tokens_hit: float, tokens_miss: float, t_primary: 
     """Expected tokens per unit of verification time (per sequence)."""
     p_all = p_hit ** batch
     tokens = p_hit * tokens_hit + (1.0 - p_hit) * tokens_miss
-    time = p_all * max(1.0, t_primary) + (1.0 - p_all) * (1.0 + t_backup)
+    time = max(1.0, t_primary) + (1.0 - p_all) * t_backup
     return tokens / time
 
 

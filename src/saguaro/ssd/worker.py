@@ -87,8 +87,8 @@ def serve(args) -> None:
             sampled = [i for i, s in enumerate(specs) if s.q is not None]
             q = None
             if sampled:
-                q = torch.stack([specs[i].q for i in sampled])
-                q = q if head is None else q[:, :, head]
+                q = torch.stack([specs[i].q for i in sampled])  # over the draft head
+                q = q if head is not None else drafter.target_q(q)
             wire.send(wire.Speculations([s.tokens for s in specs], [s.hit for s in specs], sampled, q,
                                         tree_s, drafter.fallback_s), ENGINE, comm)
             drafter.build_tree()  # overlaps the engine's verification of these speculations

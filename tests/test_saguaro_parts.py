@@ -154,3 +154,19 @@ def test_policy_refits_fanout_towards_observed_acceptance():
         fixed.observe(0, k, 0, False, "neural", fixed.fanout)
         fixed.observe_times(0.1, 0.05, 0.01, "neural", 1)
     assert fixed.fanout == prior
+
+
+def test_auto_fallback_measures_both_backups_before_choosing():
+    from saguaro.ssd.online import EXPLORE_MISSED_ROUNDS, SaguaroPolicy
+
+    k = 3
+    policy = SaguaroPolicy(k, 12, acceptance=0.5, r=0.5, fallback="auto")
+    tried = []
+    for _ in range(4 * EXPLORE_MISSED_ROUNDS):
+        backup = policy.next_fallback(1)
+        tried.append(backup)
+        accepted = 3 if backup == "ngram" else 0  # here the n-gram backup is both free and better
+        policy.observe(accepted, k, 0, False, backup, policy.fanout)
+        policy.observe_times(0.1, 0.05, 0.001 if backup == "ngram" else 0.05, backup, 1)
+    assert tried[:2 * EXPLORE_MISSED_ROUNDS] == ["neural"] * EXPLORE_MISSED_ROUNDS + ["ngram"] * EXPLORE_MISSED_ROUNDS
+    assert set(tried[2 * EXPLORE_MISSED_ROUNDS:]) == {"ngram"}

@@ -25,3 +25,51 @@ def test_roundtrips():
     assert s.tokens == [[1, 2, 3], [4, 5, 6]] and s.hits == [True, False] and s.sampled_rows == [1]
     assert (s.tree_s, s.fallback_s) == (0.25, 0.125)
     assert torch.equal(s.q, q)
+
+
+ECHO = """
+import sys, datetime, torch.distributed as dist
+from saguaro.ssd import wire
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=1, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+while not isinstance(msg := wire.recv(0), wire.Shutdown):
+    wire.send(msg, 0)
+dist.destroy_process_group()
+"""
+
+
+def test_messages_cross_processes_small_large_and_with_q():
+    """Over a real gloo pair: one-frame messages, ones that overflow the frame, and q."""
+    import datetime
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    from saguaro.ssd import wire
+    from saguaro.ssd.worker import free_port
+
+    port = free_port()
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, str(port)])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        big_prompt = list(range(3 * wire.FRAME))
+        q = torch.rand(2, 3, 7, dtype=torch.float64)
+        messages = [Respond([(1, 5)], [[9]], [2, 1, 1], "ngram"),
+                    Prefill([0, 1], [big_prompt, [4]], [0.0, 0.5], [1.0, 1.0], [0, 0], [None, 3]),
+                    Speculations([[1, 2, 3], [4, 5, 6]], [True, False], [0, 1], q, 0.5, 0.25)]
+        for msg in messages:
+            wire.send(msg, 1)
+            back = wire.recv(1)
+            if isinstance(msg, Speculations):
+                assert back.tokens == msg.tokens and back.sampled_rows == msg.sampled_rows
+                assert (back.tree_s, back.fallback_s) == (0.5, 0.25) and torch.equal(back.q, q)
+            else:
+                assert back == msg
+        wire.send(Shutdown(), 1)
+        assert echo.wait(timeout=60) == 0
+    finally:
+        dist.destroy_process_group()
+        if echo.poll() is None:
+            echo.kill()

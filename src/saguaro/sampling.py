@@ -77,15 +77,20 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
     """One token per row of probs [N, V], each row drawing from its own generator.
 
     Uses the exponential race (argmax p/E with E ~ Exp(1)), which samples exactly from p and
-    lets every row keep its own seeded stream.
+    lets every row keep its own seeded stream. One-hot rows (greedy) draw no noise at all.
     """
-    if all(g is None for g in generators) and bool((probs.amax(-1) == 1.0).all()):
-        return probs.argmax(-1)  # all rows one-hot (greedy): skip the noise
-    noise = torch.empty_like(probs).exponential_()
-    for i, g in enumerate(generators):
-        if g is not None:  # seeded streams are CPU generators: the same draws on every device
-            noise[i] = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(generator=g).to(probs.device)
-    return (probs / noise).argmax(-1)
+    out = probs.argmax(-1)
+    random_rows = (probs.amax(-1) < 1.0).nonzero()[:, 0].tolist()
+    unseeded = [i for i in random_rows if generators[i] is None]
+    if unseeded:
+        rows = torch.tensor(unseeded, device=probs.device)
+        p = probs[rows]
+        out[rows] = (p / torch.empty_like(p).exponential_()).argmax(-1)
+    for i in random_rows:
+        if generators[i] is not None:  # seeded streams are CPU generators: the same draws on every device
+            noise = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(generator=generators[i])
+            out[i] = (probs[i] / noise.to(probs.device)).argmax(-1)
+    return out
 
 
 def uniform(n: int, generators: list[torch.Generator | None], device="cpu") -> torch.Tensor:

@@ -15,6 +15,7 @@ from saguaro.ssd.speedup import expected_tokens, fallback_switch_batch
 
 R_RANGE = (0.1, 4.0)  # keep the fitted exponent where the closed form stays well-behaved
 ACCEPTANCE_RANGE = (0.02, 0.98)
+EXPLORE_MISSED_ROUNDS = 4  # missed rounds each backup gets before the model chooses between them
 
 
 def fit_acceptance(accepted: int, drafted: int, prior: float, prior_weight: float = 32.0) -> float:
@@ -164,6 +165,11 @@ class SaguaroPolicy:
         )
 
     def next_fallback(self, batch: int) -> str:
+        """'auto': try each backup on a few missed rounds first (priors alone could rule one out
+        without ever measuring it), then follow b* from the measured costs."""
         if self.fallback != "auto":
             return self.fallback
+        for backup in ("neural", "ngram"):
+            if self.after_miss[backup].rounds < EXPLORE_MISSED_ROUNDS:
+                return backup
         return choose_fallback(batch, self.costs())

@@ -1,9 +1,9 @@
 """Typed messages between the engine and the draft worker, sent over torch.distributed.
 
-Every message travels as a fixed header [kind, #ints, #floats, #tensor elements] followed by
-one int64 tensor, one float64 tensor and (for speculations with q) one float32 tensor. Each
-message class says how it packs into those, so nothing is pickled and no integer on the wire
-goes unnamed.
+Every message travels as one int64 frame (a header [kind, #ints, #floats, #tensor elements, ...],
+then the ints and the floats' bit patterns), an overflow when they do not fit, and (for
+speculations with q) one float tensor. Each message class says how it packs into ints, floats and
+that tensor, so nothing is pickled and no integer on the wire goes unnamed.
 """
 
 from __future__ import annotations
@@ -172,40 +172,52 @@ MESSAGES = {m.kind: m for m in (Prefill, Respond, Retire, Shutdown, Ready, Specu
 
 TENSOR_DTYPES = [torch.float32, torch.float64]  # q travels in the draft's own precision
 HEADER = 10  # kind, #ints, #floats, #tensor elements, tensor ndim, tensor dtype index, shape (4)
+FRAME = 1024  # int64s per frame: the header, then ints and float64 bit patterns; the rest follows apart
+
+
+def _frame_payload(ints: list[int], floats: list[float]) -> torch.Tensor:
+    bits = torch.tensor(floats, dtype=torch.float64).view(torch.int64)
+    return torch.cat([torch.tensor(ints, dtype=torch.int64), bits])
 
 
 def send(message, dst: int, device: str = "cpu") -> None:
-    """Send to rank dst; `device` is where the backend wants tensors (cuda for nccl, cpu for gloo)."""
+    """Send to rank dst; `device` is where the backend wants tensors (cuda for nccl, cpu for gloo).
+
+    Every point-to-point send waits for the matching receive, so a message is as few sends as it
+    can be: one frame when ints and floats fit in it (every message of a small batch), an overflow
+    send when they do not, and q when a row samples."""
     ints, floats, tensor = message.pack()
     numel = 0 if tensor is None else tensor.numel()
     shape = [] if tensor is None else list(tensor.shape)
     dtype = 0 if tensor is None or tensor.dtype != torch.float64 else 1
     header = torch.tensor([int(message.kind), len(ints), len(floats), numel, len(shape), dtype]
                           + shape + [0] * (4 - len(shape)), dtype=torch.int64)
-    dist.send(header.to(device), dst)
-    if ints:
-        dist.send(torch.tensor(ints, dtype=torch.int64, device=device), dst)
-    if floats:
-        dist.send(torch.tensor(floats, dtype=torch.float64, device=device), dst)
+    payload = _frame_payload(ints, floats)
+    frame = torch.zeros(FRAME, dtype=torch.int64)
+    fits = min(len(payload), FRAME - HEADER)
+    frame[:HEADER], frame[HEADER : HEADER + fits] = header, payload[:fits]
+    dist.send(frame.to(device), dst)
+    if len(payload) > fits:
+        dist.send(payload[fits:].to(device), dst)
     if numel:
         dist.send(tensor.detach().to(device=device, dtype=TENSOR_DTYPES[dtype]).contiguous(), dst)
 
 
 def recv(src: int, device: str = "cpu"):
-    header = torch.zeros(HEADER, dtype=torch.int64, device=device)
-    dist.recv(header, src)
-    kind, n_ints, n_floats, numel, ndim, dtype = header[:6].tolist()
-    shape = header[6 : 6 + ndim].tolist()
-    ints = floats = []
+    frame = torch.zeros(FRAME, dtype=torch.int64, device=device)
+    dist.recv(frame, src)
+    frame = frame.cpu()
+    kind, n_ints, n_floats, numel, ndim, dtype = frame[:6].tolist()
+    shape = frame[6 : 6 + ndim].tolist()
+    size = n_ints + n_floats
+    payload = frame[HEADER : HEADER + min(size, FRAME - HEADER)]
+    if size > FRAME - HEADER:
+        rest = torch.zeros(size - (FRAME - HEADER), dtype=torch.int64, device=device)
+        dist.recv(rest, src)
+        payload = torch.cat([payload, rest.cpu()])
+    ints = payload[:n_ints].tolist()
+    floats = payload[n_ints:].view(torch.float64).tolist()
     tensor = None
-    if n_ints:
-        buf = torch.zeros(n_ints, dtype=torch.int64, device=device)
-        dist.recv(buf, src)
-        ints = buf.tolist()
-    if n_floats:
-        buf = torch.zeros(n_floats, dtype=torch.float64, device=device)
-        dist.recv(buf, src)
-        floats = buf.tolist()
     if numel:
         tensor = torch.zeros(shape, dtype=TENSOR_DTYPES[dtype], device=device)
         dist.recv(tensor, src)

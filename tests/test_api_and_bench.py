@@ -10,7 +10,7 @@ from saguaro.cli import main
 
 @pytest.fixture(scope="module")
 def llm(embedded):
-    return LLM()
+    return LLM(mode="ar")
 
 
 def test_generate_returns_text_ids_metrics(llm):
@@ -42,3 +42,13 @@ def test_bench_smoke(tmp_path, capsys, embedded):
         assert rows["ar"]["tokens_per_s"] > 0 and rows["sd-ngram"]["tokens_per_s"] > 0
         assert rows["sd-ngram"]["identical_to_ar"] is True
         assert rows["sd-ngram"]["speedup_vs_ar"] > 0
+
+
+def test_auto_mode_runs_ssd_only_with_a_draft_and_a_spare_core_or_gpu():
+    from saguaro.llm import auto_mode
+
+    assert auto_mode(True, "cpu", cores=2, gpus=0) == "ssd"
+    assert auto_mode(True, "cpu", cores=1, gpus=0) == "ar"
+    assert auto_mode(False, "cpu", cores=16, gpus=0) == "ar"
+    assert auto_mode(True, "cuda", cores=16, gpus=1) == "ar"
+    assert auto_mode(True, "cuda:0", cores=16, gpus=2) == "ssd"

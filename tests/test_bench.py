@@ -65,7 +65,7 @@ def test_bench_all_modes_json_and_plot(tmp_path, capsys, embedded, one_thread):
 def llm(embedded, one_thread):
     from saguaro import LLM
 
-    return LLM()
+    return LLM(mode="ar")
 
 
 @pytest.fixture

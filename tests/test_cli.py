@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from saguaro.cli import main
 
@@ -16,6 +17,13 @@ def run_cli(capsys, *args):
 
 
 def test_generate_json_on_embedded(capsys, embedded):
+    """The default mode (auto): SSD wherever a second core can run the draft, and the target gets its
+    cores back afterwards."""
+    import os
+
+    from saguaro.engine.ssd_setup import available_cores
+
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     code, out, err = run_cli(capsys, "generate", "--json", "--max-tokens", "6", "--ignore-eos", "def add(a, b):",
                              "Hello")
     assert code == 0, err
@@ -24,6 +32,8 @@ def test_generate_json_on_embedded(capsys, embedded):
     for row in rows:
         assert len(row["token_ids"]) == 6 and isinstance(row["text"], str)
         assert row["metrics"]["tokens_per_s"] > 0
+        assert row["metrics"]["mode"] == ("ssd" if len(available_cores()) > 1 else "ar")
+    assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("args, message", [

@@ -26,7 +26,8 @@ def _positive_int(text: str) -> int:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["ar", "sd", "ssd"], default="ar", help="decoding mode (default: ar)")
+    p.add_argument("--mode", choices=["auto", "ar", "sd", "ssd"], default="auto",
+                   help="decoding mode; auto (default): ssd when a second core or GPU can run the draft, else ar")
     p.add_argument("--target", help="target checkpoint: HF directory or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--draft", help="draft checkpoint, or 'ngram' (default: the embedded distilled draft)")
     p.add_argument("--k", type=_positive_int, default=4, help="draft tokens per round (default: 4)")
@@ -77,7 +78,7 @@ def ssd_options(args) -> dict:
 def make_llm(args):
     from saguaro.llm import LLM
 
-    ssd = ssd_options(args) if args.mode == "ssd" else {}
+    ssd = ssd_options(args) if args.mode in ("ssd", "auto") else {}
     return LLM(args.target, mode=args.mode, draft=args.draft, k=args.k, dtype=args.dtype,
                device=args.device, threads=args.threads, **ssd)
 

@@ -17,7 +17,7 @@ from saguaro.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "sd", "ssd")
+MODES = ("auto", "ar", "sd", "ssd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,14 +44,25 @@ class RequestOutput:
         return self.outputs[0].token_ids
 
 
+def auto_mode(has_draft: bool, device: str, cores: int, gpus: int) -> str:
+    """What mode="auto" runs: SSD when there is a neural draft and a second core (or GPU) for it to
+    run on beside the target, else AR. (On one shared core SD lost to AR in our benchmark; see README.)"""
+    if not has_draft:
+        return "ar"
+    spare = gpus > 1 if device.startswith("cuda") else cores > 1
+    return "ssd" if spare else "ar"
+
+
 class LLM:
     """Load a target (default: the embedded SmolLM2-135M-Instruct) and, for speculative modes, a draft.
 
+    mode: "auto" (SSD for the embedded pair, or with a `draft`, when a second core or GPU is free;
+    else AR), "ar", "sd" or "ssd".
     draft: a checkpoint path, "ngram" for the model-free prompt-lookup speculator, or None for the
     embedded distilled draft.
     """
 
-    def __init__(self, model: str | Path | None = None, mode: str = "ar", draft: str | Path | None = None,
+    def __init__(self, model: str | Path | None = None, mode: str = "auto", draft: str | Path | None = None,
                  k: int = 4, dtype: str = "float32", device: str = "cpu", threads: int | None = None,
                  max_batch_size: int = 64, **engine_options):
         if mode not in MODES:
@@ -60,6 +71,13 @@ class LLM:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if threads:
             torch.set_num_threads(threads)
+        if mode == "auto":
+            from saguaro.engine.ssd_setup import available_cores
+
+            neural_draft = draft not in (None, "ngram") or (model is None and embedded_draft_path() is not None)
+            gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+            mode = auto_mode(neural_draft, device, len(available_cores()), gpus)
+            log.info("mode auto: running %s", mode)
         self.mode = mode
         target_path = Path(model) if model is not None else embedded_target_path()
         self.target_path = target_path

@@ -71,6 +71,7 @@ class SSDEngine(Engine):
         self.tree_fanout = [0] * (k + 1)  # the fan-out of the tree being built now
         self.local_fallback = local_fallback
         self.degraded: str | None = None  # why the engine left its worker, if it did
+        self.release_cores = None  # restores the cores and threads the target had before its worker
         self.sent: dict[int, int] = {}  # seq id -> tokens of its context the drafter has
         self.outcome: dict[int, tuple[int, int]] = {}  # seq id -> outcome of its last round
         self.totals = {"rounds": 0, "respond_s": 0.0, "verify_s": 0.0, "tree_s": 0.0, "fallback_s": 0.0}
@@ -187,3 +188,6 @@ class SSDEngine(Engine):
 
     def close(self) -> None:
         self.drafter.close()
+        if self.release_cores is not None:  # give the target back the cores the worker had
+            self.release_cores()
+            self.release_cores = None

@@ -59,6 +59,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
     drafter = None
     degraded = None
     device = str(target.device)
+    release_cores = None
     if worker:
         cores = available_cores()
         draft_cores = draft_cores or (cores[-1:] if device == "cpu" and len(cores) > 1 else None)
@@ -71,7 +72,10 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
                                     head_ids=None if head is None else torch.tensor(head))
             if draft_cores and device == "cpu":  # keep the target off the draft's cores
                 rest = [c for c in cores if c not in draft_cores]
+                before = (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                          torch.get_num_threads())
                 pin(rest, len(rest))
+                release_cores = lambda: pin(*before)  # noqa: E731
         except WorkerError as e:
             log.warning("%s; running SSD's fallback (SD with a local draft) instead", e)
             degraded = str(e)
@@ -81,4 +85,5 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
     engine = SSDEngine(target, drafter, k, stop, max_batch_size, local_fallback=local if worker else None,
                        policy=policy)
     engine.degraded = degraded
+    engine.release_cores = release_cores
     return engine

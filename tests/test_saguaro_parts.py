@@ -170,3 +170,28 @@ def test_auto_fallback_measures_both_backups_before_choosing():
         policy.observe_times(0.1, 0.05, 0.001 if backup == "ngram" else 0.05, backup, 1)
     assert tried[:2 * EXPLORE_MISSED_ROUNDS] == ["neural"] * EXPLORE_MISSED_ROUNDS + ["ngram"] * EXPLORE_MISSED_ROUNDS
     assert set(tried[2 * EXPLORE_MISSED_ROUNDS:]) == {"ngram"}
+
+
+def test_fit_budget_sizes_the_tree_to_the_verification():
+    from saguaro.ssd.online import TREE_SHARE, fit_budget
+
+    assert fit_budget(16, tree_s=TREE_SHARE * 0.03, verify_s=0.03, k=3) == 16  # already the right size
+    assert fit_budget(16, tree_s=0.01, verify_s=0.03, k=3) == 32  # room for more: at most doubles
+    assert fit_budget(16, tree_s=0.048, verify_s=0.03, k=3) == 8  # too slow: at most halves
+    assert fit_budget(5, tree_s=1.0, verify_s=0.03, k=3) == 4  # never below one branch per outcome
+    assert fit_budget(200, tree_s=0.001, verify_s=0.03, k=3, max_budget=256) == 256
+
+
+def test_policy_grows_the_budget_while_the_tree_is_cheap():
+    from saguaro.ssd.online import SaguaroPolicy
+
+    k = 3
+    policy = SaguaroPolicy(k, 12, acceptance=0.5, r=0.5, refit_every=4, adapt_budget=True)
+    for _ in range(8):
+        policy.observe(1, k, 1, True, "neural", policy.fanout)
+        policy.observe_times(verify_s=0.03, tree_s=0.006, fallback_s=0.0, source="neural", misses=0)
+    assert policy.budget == 48 and sum(policy.fanout) == 48
+    fixed = SaguaroPolicy(k, 12, acceptance=0.5, r=0.5, refit_every=4)
+    for _ in range(8):
+        fixed.observe_times(verify_s=0.03, tree_s=0.006, fallback_s=0.0, source="neural", misses=0)
+    assert fixed.budget == 12

@@ -35,7 +35,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=_positive_int, help="torch threads for the target")
     s = p.add_argument_group("ssd")
-    s.add_argument("--fanout-budget", type=_positive_int, help="branches pre-drafted per round (default: 3(K+1))")
+    s.add_argument("--fanout-budget", type=_positive_int,
+                   help="branches pre-drafted per round (default: start at 3(K+1), resized so the tree takes "
+                        "~80%% of a verification)")
     s.add_argument("--fanout", choices=["geometric", "uniform"], default="geometric")
     s.add_argument("--acceptance", type=float, default=0.6, help="prior a_p used to shape the fan-out")
     s.add_argument("--power-r", type=float, default=0.5, help="prior miss-rate exponent r used to shape the fan-out")

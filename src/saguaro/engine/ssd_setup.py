@@ -45,9 +45,11 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
                     saguaro_c: float = 1.0, fallback: str = "auto", worker: bool = True,
                     draft_cores: list[int] | None = None, worker_timeout: float = 60.0,
                     fit: bool = True) -> SSDEngine:
-    """fit: refit a_p and r (and so the fan-out) from what the rounds show; False keeps the priors."""
+    """fit: refit a_p and r (and so the fan-out) from what the rounds show; False keeps the priors.
+    fanout_budget 0: start at 3(K+1) branches and, when fitting, resize so the tree fits in a verification."""
     budget = fanout_budget or 3 * (k + 1)
-    policy = SaguaroPolicy(k, budget, acceptance, r, shape=fanout, fallback=fallback, fit=fit)
+    policy = SaguaroPolicy(k, budget, acceptance, r, shape=fanout, fallback=fallback, fit=fit,
+                           adapt_budget=fit and not fanout_budget)
     shape = policy.fanout
     fallback = policy.next_fallback(1)  # the first rounds; the policy decides again every round
     vocab = target.config.vocab_size

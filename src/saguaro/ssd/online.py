@@ -16,6 +16,8 @@ from saguaro.ssd.speedup import expected_tokens, fallback_switch_batch
 R_RANGE = (0.1, 4.0)  # keep the fitted exponent where the closed form stays well-behaved
 ACCEPTANCE_RANGE = (0.02, 0.98)
 EXPLORE_MISSED_ROUNDS = 4  # missed rounds each backup gets before the model chooses between them
+TREE_SHARE = 0.8  # the share of a verification an adaptive budget's tree aims to take
+MAX_BUDGET = 256
 
 
 def fit_acceptance(accepted: int, drafted: int, prior: float, prior_weight: float = 32.0) -> float:
@@ -38,6 +40,19 @@ def fit_power_law(lookups: dict[int, int], hits: dict[int, int]) -> float | None
     if den == 0:
         return None
     return min(max(num / den, R_RANGE[0]), R_RANGE[1])
+
+
+def fit_budget(budget: int, tree_s: float, verify_s: float, k: int, share: float = TREE_SHARE,
+               max_budget: int = MAX_BUDGET) -> int:
+    """The branch budget whose tree takes `share` of a verification.
+
+    More branches hit more often, and a tree that ends before the verification costs nothing; one
+    that outlasts it delays every round. Tree time is taken as proportional to the budget, and one
+    step changes the budget by at most 2x, so a noisy timing cannot swing it far."""
+    if tree_s <= 0 or verify_s <= 0:
+        return budget
+    scale = min(2.0, max(0.5, share * verify_s / tree_s))
+    return int(min(max_budget, max(k + 1, round(budget * scale))))
 
 
 @dataclass
@@ -80,7 +95,8 @@ class SaguaroPolicy:
     """Observes rounds; says the fan-out and the fallback for the next one.
 
     fit=False keeps a_p and r at their priors (the fan-out never changes); fallback 'auto'
-    picks neural or n-gram per round from the measured costs and the batch size.
+    picks neural or n-gram per round from the measured costs and the batch size; adapt_budget
+    resizes the budget at every refit so the tree takes TREE_SHARE of a verification.
     """
 
     k: int
@@ -91,6 +107,7 @@ class SaguaroPolicy:
     fallback: str = "auto"
     fit: bool = True
     refit_every: int = 8
+    adapt_budget: bool = False
     drafted: int = 0
     accepted: int = 0
     lookups: dict[int, int] = field(default_factory=lambda: defaultdict(int))
@@ -100,6 +117,8 @@ class SaguaroPolicy:
     tree_s: float = 0.0
     verify: Tally = field(default_factory=Tally)
     rounds: int = 0
+    window_tree_s: float = 0.0  # since the last refit
+    window_verify_s: float = 0.0
 
     def __post_init__(self):
         self.fanout = self._shape(self.acceptance, self.r)
@@ -132,10 +151,15 @@ class SaguaroPolicy:
     def observe_times(self, verify_s: float, tree_s: float, fallback_s: float, source: str, misses: int) -> None:
         self.verify.add(0, verify_s)
         self.tree_s += tree_s
+        self.window_tree_s += tree_s
+        self.window_verify_s += verify_s
         if misses:
             self.after_miss[source].seconds += fallback_s
         self.rounds += 1
         if self.fit and self.rounds % self.refit_every == 0:
+            if self.adapt_budget:
+                self.budget = fit_budget(self.budget, self.window_tree_s, self.window_verify_s, self.k)
+            self.window_tree_s = self.window_verify_s = 0.0
             a = fit_acceptance(self.accepted, self.drafted, self.acceptance)
             r = fit_power_law(self.lookups, self.hits) or self.r
             self.fanout = self._shape(a, r)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One recorded run for docs/results.md: the mode comparison, the five analyses, then the page itself.
+# One recorded run for docs/results.md: the mode comparison, the five analyses, SSD vs SD on shared and
+# equal hardware, AR vs transformers, then the page itself.
 # Run from the repository root:  nohup benchmarks/record_results.sh > docs/results/run.log 2>&1 &
 set -uo pipefail
 OUT=docs/results
@@ -17,6 +18,12 @@ for analysis in hit-vs-fanout c-sweep fallback-batch theorem7 fanout-shape; do
   $SAGUARO bench --threads 1 --analysis "$analysis" --num-prompts 2 --max-tokens 48 --out-dir "$OUT/analyses" \
     || echo "FAILED: $analysis"
 done
+
+.venv/bin/python benchmarks/ssd_vs_sd.py --k 4 --num-prompts 4 --max-tokens 64 --json "$OUT/ssd_vs_sd_t0.json" \
+  || echo "FAILED: ssd_vs_sd T=0"
+.venv/bin/python benchmarks/ssd_vs_sd.py --k 4 --num-prompts 4 --max-tokens 64 --temperature 1.0 \
+  --json "$OUT/ssd_vs_sd_t1.json" || echo "FAILED: ssd_vs_sd T=1"
+.venv/bin/python benchmarks/ar_speed.py --tokens 48 --repeats 3 --json "$OUT/ar_speed.json" || echo "FAILED: ar_speed"
 
 uptime > "$OUT/load_end.txt"
 .venv/bin/python benchmarks/results_md.py --results "$OUT" --out docs/results.md

@@ -35,7 +35,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=_positive_int, help="torch threads for the target")
     s = p.add_argument_group("ssd")
-    s.add_argument("--fanout-budget", type=_positive_int,
+    s.add_argument("--fanout-budget", "--fan-out-budget", dest="fanout_budget", type=_positive_int,
                    help="branches pre-drafted per round (default: start at 3(K+1), resized so the tree takes "
                         "~80%% of a verification)")
     s.add_argument("--fanout", choices=["geometric", "uniform"], default="geometric")

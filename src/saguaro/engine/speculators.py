@@ -95,10 +95,10 @@ class NeuralSpeculator(Speculator):
         Temperature, top-k, top-p and sigma_{F,C} give the same distribution whether applied over the
         head or over the full vocabulary with -inf logits off the head, so drafters can work in the
         (smaller) head and expand only what the verifier needs."""
-        if q.shape[-1] == self.target_vocab:
+        out_ids = self.draft.output_token_ids
+        if out_ids is None and q.shape[-1] == self.target_vocab:
             return q
         full = q.new_zeros(*q.shape[:-1], self.target_vocab)
-        out_ids = self.draft.output_token_ids
         if out_ids is None:  # a head over the first V_draft target ids
             full[..., : q.shape[-1]] = q
             return full

@@ -117,7 +117,7 @@ def cmd_distill(args) -> None:
         layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
         head_vocab=args.head_vocab, phase=args.phase,
         work_dir=Path(args.work_dir) if args.work_dir else None, lr=args.lr,
-        init_from=Path(args.init_from) if args.init_from else None,
+        init_from=Path(args.init_from) if args.init_from else None, bf16=args.bf16,
     )
     report = run_distill(opts)
     if report:
@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=5e-4)
     d.add_argument("--init-from", help="start from this draft checkpoint's weights (when no training state exists)")
     d.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default: 1)")
+    d.add_argument("--bf16", action="store_true",
+                   help="train under bfloat16 autocast (weights and optimizer stay float32; ~2.5x faster on CPUs "
+                        "with native bf16)")
     d.set_defaults(func=cmd_distill)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")

@@ -46,6 +46,7 @@ class DistillOptions:
     batch_size: int = 8
     eval_every: int = 200
     init_from: Path | None = None
+    bf16: bool = False  # bfloat16 autocast for the training forward and backward
 
 
 def _work_dir(opts: DistillOptions) -> Path:
@@ -113,7 +114,7 @@ def _record(tr: Trainer, opts: DistillOptions) -> dict:
     """What goes into the draft's config so the run can be repeated."""
     rec = {"step": tr.step, "tokens_seen": tr.tokens_seen, "seed": opts.seed, "lr": opts.lr,
            "teacher_tokens": tr.teacher_tokens(), "teacher_shards": len(tr._shard_files),
-           "train_wall_s": round(tr.wall_s)}
+           "train_wall_s": round(tr.wall_s), "bf16_autocast": opts.bf16}
     if opts.init_from is not None:
         rec["init_from"] = json.loads((Path(opts.init_from) / "config.json").read_text()).get("saguaro_distill")
     return rec
@@ -137,7 +138,8 @@ def run_distill(opts: DistillOptions) -> dict:
         log.info("eval: %s", report)
         return report
     draft = make_draft(opts, target, tokenizer, state_dir)
-    trainer = Trainer(draft, data_dir, state_dir, opts.seed, lr=opts.lr, batch_size=opts.batch_size)
+    trainer = Trainer(draft, data_dir, state_dir, opts.seed, lr=opts.lr, batch_size=opts.batch_size,
+                      bf16=opts.bf16)
     if trainer.load_state():
         log.info("resumed at step %d (%d tokens)", trainer.step, trainer.tokens_seen)
     elif opts.init_from is not None:

@@ -63,9 +63,11 @@ def make_batch(shards: list[dict[str, torch.Tensor]], rows: list[tuple[int, int]
 
 class Trainer:
     def __init__(self, draft: CausalLM, data_dir: Path, state_dir: Path, seed: int, lr: float = 5e-4,
-                 batch_size: int = 8, max_len: int = 640, warmup: int = 100):
+                 batch_size: int = 8, max_len: int = 640, warmup: int = 100, bf16: bool = False):
+        """bf16: run forward and backward under bfloat16 autocast; weights, gradients and Adam stay float32."""
         self.draft, self.data_dir, self.state_dir = draft, data_dir, state_dir
         self.seed, self.lr, self.batch_size, self.max_len, self.warmup = seed, lr, batch_size, max_len, warmup
+        self.bf16 = bf16
         self.params = [p for n, p in draft.named_parameters() if not n.startswith("embed.")]
         draft.embed.weight.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -139,8 +141,9 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.draft.train()
-        out = self.draft.forward_train(tokens)
-        loss = distill_loss(out, ids, logits, weight, self.index)
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.draft.forward_train(tokens)
+        loss = distill_loss(out.float(), ids, logits, weight, self.index)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)

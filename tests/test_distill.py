@@ -48,3 +48,13 @@ def test_resumed_trainer_continues_from_saved_state(tmp_path):
     for (name, p), q in zip(tr.draft.named_parameters(), again.draft.parameters()):
         assert torch.equal(p, q), name
     assert tr.train_step() == pytest.approx(again.train_step())  # same batch, same state: same loss
+
+
+def test_trainer_waits_for_teacher_data_past_max_epochs(tmp_path):
+    tr = trainer(tmp_path, bf16=False)
+    start = tr.tokens_seen
+    assert not tr.data_exhausted(start, max_epochs=2.0)
+    while not tr.data_exhausted(start, max_epochs=2.0):
+        tr.train_step()
+    assert tr.tokens_seen - start >= 2 * tr.teacher_tokens()
+    assert not tr.data_exhausted(start, max_epochs=None)

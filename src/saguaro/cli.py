@@ -117,7 +117,7 @@ def cmd_distill(args) -> None:
         layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
         head_vocab=args.head_vocab, phase=args.phase,
         work_dir=Path(args.work_dir) if args.work_dir else None, lr=args.lr,
-        init_from=Path(args.init_from) if args.init_from else None, bf16=args.bf16,
+        init_from=Path(args.init_from) if args.init_from else None, bf16=args.bf16, max_epochs=args.max_epochs,
     )
     report = run_distill(opts)
     if report:
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (weights and optimizer stay float32; ~2.5x faster on CPUs "
                         "with native bf16)")
+    d.add_argument("--max-epochs", type=float,
+                   help="in this run, train on at most this many passes over the teacher data, then wait for more")
     d.set_defaults(func=cmd_distill)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")

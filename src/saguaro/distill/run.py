@@ -47,6 +47,7 @@ class DistillOptions:
     eval_every: int = 200
     init_from: Path | None = None
     bf16: bool = False  # bfloat16 autocast for the training forward and backward
+    max_epochs: float | None = None  # per run: wait for teacher data beyond this many passes over it
 
 
 def _work_dir(opts: DistillOptions) -> Path:
@@ -164,7 +165,7 @@ def run_distill(opts: DistillOptions) -> dict:
 
     if opts.phase == "all" and not shard_paths(data_dir):
         run_teacher(opts, target, tokenizer, data_dir, max_shards=1)
-    trainer.run(opts.tokens, on_step=on_step)
+    trainer.run(opts.tokens, on_step=on_step, max_epochs=opts.max_epochs)
     report = evaluate(trainer.draft, evals)
     draft_lib.save_draft(trainer.draft, opts.out, {"saguaro_distill": {
         **_record(trainer, opts), "eval": report}})

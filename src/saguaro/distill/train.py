@@ -134,6 +134,9 @@ class Trainer:
         picks = torch.randint(len(pool), (self.batch_size,), generator=g).tolist()
         return [pool[i] for i in picks]
 
+    def data_exhausted(self, start_tokens: int, max_epochs: float | None) -> bool:
+        return max_epochs is not None and self.tokens_seen - start_tokens >= max_epochs * self.teacher_tokens()
+
     # ------------------------------------------------------------------ loop
     def train_step(self) -> float:
         tokens, ids, logits, weight = make_batch(self._shards, self.next_rows(), self.max_len)
@@ -152,10 +155,14 @@ class Trainer:
         self.tokens_seen += int(weight.sum())
         return loss.item()
 
-    def run(self, max_tokens: int, save_every_s: float = 300.0, on_step=None) -> None:
-        last_save = time.monotonic()
+    def run(self, max_tokens: int, save_every_s: float = 300.0, on_step=None,
+            max_epochs: float | None = None) -> None:
+        """Train until max_tokens. max_epochs: wait for the teacher's next shard whenever this run has
+        trained on max_epochs times the teacher tokens there are (a fast trainer would overfit them)."""
+        last_save, start = time.monotonic(), self.tokens_seen
         while self.tokens_seen < max_tokens:
-            if self.refresh_shards() == 0:
+            rows = self.refresh_shards()
+            if rows == 0 or self.data_exhausted(start, max_epochs):
                 time.sleep(10)
                 continue
             t = time.monotonic()

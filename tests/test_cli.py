@@ -44,6 +44,7 @@ def test_generate_json_on_embedded(capsys, embedded):
     ([], "no prompts"),
     ([""], "empty"),
     (["--target", "/definitely/not/here", "x"], "no such file"),
+    (["--mode", "ssd", "--draft-cores", "4096", "x"], "not among this process's cores"),
 ])
 def test_bad_input_is_one_line_error(capsys, args, message):
     code, _, err = run_cli(capsys, "generate", *args)
@@ -64,3 +65,13 @@ def test_corrupt_checkpoint_from_a_real_process(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("saguaro: error:") and "Traceback" not in proc.stderr
+
+
+def test_draft_cores_must_be_ours_and_leave_the_target_one():
+    from saguaro.engine.ssd_setup import _check_draft_cores
+
+    _check_draft_cores([3], [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="not among"):
+        _check_draft_cores([7], [0, 1])
+    with pytest.raises(ValueError, match="leave no core"):
+        _check_draft_cores([0, 1], [0, 1])

@@ -25,6 +25,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _core_list(text: str) -> list[int]:
+    try:
+        cores = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected core numbers like 2,3, got {text!r}") from None
+    if not cores or min(cores) < 0:
+        raise argparse.ArgumentTypeError(f"expected core numbers like 2,3, got {text!r}")
+    return cores
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["auto", "ar", "sd", "ssd"], default="auto",
                    help="decoding mode; auto (default): ssd when a second core or GPU can run the draft, else ar")
@@ -46,6 +56,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--fallback", choices=["auto", "neural", "ngram", "none"], default="auto",
                    help="on a cache miss: auto picks neural or ngram per round from measured costs (b*)")
     s.add_argument("--no-worker", action="store_true", help="run the drafter in this process (no overlap)")
+    s.add_argument("--draft-cores", type=_core_list,
+                   help="CPU cores for the draft worker, e.g. 6,7 (default: the last core); the target keeps the rest")
+    s.add_argument("--draft-threads", type=_positive_int, help="torch threads of the draft worker (default: its cores)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +87,7 @@ def ssd_options(args) -> dict:
         raise UsageError(f"--acceptance must be in (0, 1), got {args.acceptance}")
     return dict(fanout_budget=args.fanout_budget or 0, fanout=args.fanout, acceptance=args.acceptance,
                 r=args.power_r, saguaro_c=args.saguaro_c, fallback=args.fallback, worker=not args.no_worker,
-                fit=not args.fixed_fanout)
+                fit=not args.fixed_fanout, draft_cores=args.draft_cores, draft_threads=args.draft_threads)
 
 
 def make_llm(args):

@@ -32,6 +32,14 @@ def available_cores() -> list[int]:
     return list(PROCESS_CORES)
 
 
+def _check_draft_cores(draft_cores: list[int], cores: list[int]) -> None:
+    outside = sorted(set(draft_cores) - set(cores))
+    if outside:
+        raise ValueError(f"draft cores {outside} are not among this process's cores {cores}")
+    if set(cores) <= set(draft_cores):
+        raise ValueError(f"draft cores {sorted(draft_cores)} leave no core for the target (cores {cores})")
+
+
 def draft_device(target_device: str) -> str:
     """The worker's device: its own GPU when there is a second one, else the target's device."""
     if target_device.startswith("cuda") and torch.cuda.device_count() > 1:
@@ -43,10 +51,14 @@ def draft_device(target_device: str) -> str:
 def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_batch_size, fanout_budget: int = 0,
                     fanout: str = "geometric", acceptance: float = PRIOR_ACCEPTANCE, r: float = PRIOR_R,
                     saguaro_c: float = 1.0, fallback: str = "auto", worker: bool = True,
-                    draft_cores: list[int] | None = None, worker_timeout: float = 60.0,
-                    fit: bool = True) -> SSDEngine:
+                    draft_cores: list[int] | None = None, draft_threads: int | None = None,
+                    worker_timeout: float = 60.0, fit: bool = True) -> SSDEngine:
     """fit: refit a_p and r (and so the fan-out) from what the rounds show; False keeps the priors.
-    fanout_budget 0: start at 3(K+1) branches and, when fitting, resize so the tree fits in a verification."""
+    fanout_budget 0: start at 3(K+1) branches and, when fitting, resize so the tree fits in a verification.
+    draft_cores / draft_threads: where the CPU worker runs (default: the last core, 1 thread); the target
+    keeps the other cores."""
+    if draft_cores is not None and str(target.device) == "cpu":
+        _check_draft_cores(draft_cores, available_cores())
     budget = fanout_budget or 3 * (k + 1)
     policy = SaguaroPolicy(k, budget, acceptance, r, shape=fanout, fallback=fallback, fit=fit,
                            adapt_budget=fit and not fanout_budget)
@@ -70,7 +82,8 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
             drafter = RemoteDrafter(target_path, draft_path, k, shape, vocab, c=saguaro_c, fallback=fallback,
                                     dtype=str(target.dtype).removeprefix("torch."), device=draft_device(device),
                                     engine_device=device,
-                                    cores=draft_cores, threads=1, timeout=worker_timeout,
+                                    cores=draft_cores, threads=draft_threads or len(draft_cores or [0]),
+                                    timeout=worker_timeout,
                                     head_ids=None if head is None else torch.tensor(head))
             if draft_cores and device == "cpu":  # keep the target off the draft's cores
                 rest = [c for c in cores if c not in draft_cores]

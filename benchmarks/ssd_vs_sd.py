@@ -4,6 +4,7 @@
   sd-1core  SD with the draft on the target's core (the paper's baseline: same target hardware)
   sd-2core  SD with both cores for target and draft in turn (equal hardware)
   ssd       the target on one core, the draft worker on the other, overlapping
+  ssd-no-lookup  the same without prompt lookup ahead of the cache (the paper's mechanism alone)
 
 Modes run interleaved prompt by prompt (order rotating), so machine drift hits all alike; one
 warm-up generation per mode is excluded. The ceiling of SSD over sd-1core at equal acceptance is
@@ -63,14 +64,17 @@ def main() -> None:
         raise SystemExit("needs two cores")
     llm = LLM(mode="ar")
     ssd = llm.make_engine("ssd", None, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:])
-    if ssd.degraded:
-        raise SystemExit(f"draft worker did not start: {ssd.degraded}")
+    ssd_plain = llm.make_engine("ssd", None, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:],
+                                lookup_min_match=0)  # an idle worker takes no CPU: the two never overlap
+    if ssd.degraded or ssd_plain.degraded:
+        raise SystemExit(f"draft worker did not start: {ssd.degraded or ssd_plain.degraded}")
     sd = llm.make_engine("sd", None, args.k)
     modes = {  # runner, cores it runs on
         "ar": (EngineRunner(llm.engine), cores),
         "sd-1core": (EngineRunner(sd), cores[:1]),
         "sd-2core": (EngineRunner(sd), cores),
         "ssd": (EngineRunner(ssd), cores[:-1]),
+        "ssd-no-lookup": (EngineRunner(ssd_plain), cores[:-1]),
     }
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
     datasets = args.datasets.split(",")
@@ -92,6 +96,7 @@ def main() -> None:
                     bar.update(1)
     place(cores)
     ssd.close()
+    ssd_plain.close()
     report = {"config": vars(args) | {"cores": cores, "fanout": ssd.policy.fanout,
                                       "fitted_acceptance_r": ssd.policy.fitted}, "results": {}}
     for d in datasets:
@@ -105,7 +110,8 @@ def main() -> None:
                 r["identical_to_ar"] = all(a["seqs"][0]["output_ids"] == b["seqs"][0]["output_ids"]
                                            for a, b in zip(raw[d]["ar"], raw[d][m]))
         sd1 = res["sd-1core"]
-        res["ssd"]["ceiling_vs_sd_1core"] = 1 + sd1["draft_ms_per_round"] / sd1["verify_ms_per_round"]
+        for m in ("ssd", "ssd-no-lookup"):
+            res[m]["ceiling_vs_sd_1core"] = 1 + sd1["draft_ms_per_round"] / sd1["verify_ms_per_round"]
         report["results"][d] = res
     print(json.dumps(report["results"], indent=1))
     if args.json:

@@ -16,8 +16,8 @@ from tests.test_sd_exactness import (N_SAMPLES, REDUCED_HEAD, SMALL_VOCAB, STOP,
 from tests.tiny import perturbed, tiny_model
 
 
-def ssd_engine(target, draft, k, fanout, fallback="neural", c=1.0, vocab=VOCAB, max_batch=64):
-    drafter = SSDDrafter(draft, vocab, k, fanout, c=c, fallback=fallback)
+def ssd_engine(target, draft, k, fanout, fallback="neural", c=1.0, vocab=VOCAB, max_batch=64, lookup_min_match=0):
+    drafter = SSDDrafter(draft, vocab, k, fanout, c=c, fallback=fallback, lookup_min_match=lookup_min_match)
     return SSDEngine(target, LocalDrafter(drafter), k, STOP if vocab == VOCAB else set(), max_batch_size=max_batch)
 
 
@@ -42,6 +42,31 @@ def test_greedy_ssd_equals_ar(fallback, batch, forced_miss):
         assert hits == 0
     else:
         assert hits > lookups / 2  # a close draft with fan-out mostly hits
+
+
+@pytest.mark.parametrize("min_match", [1, 2])
+@pytest.mark.parametrize("forced_miss", [False, True])
+def test_greedy_ssd_with_prompt_lookup_first_equals_ar(min_match, forced_miss):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    lookups = 0
+    for seed, k in itertools.product(range(2), (1, 3)):
+        target = tiny_model(seed, VOCAB)
+        draft = perturbed(target, seed, 0.05)
+        fanout = [0] * (k + 1) if forced_miss else geometric_fanout(3 * (k + 1), k, 0.7, 0.6)
+        ps = prompts(seed * 10 + k, 4)
+        want, _ = run(AREngine(target, STOP), ps, params)
+        got, seqs = run(ssd_engine(target, draft, k, fanout, lookup_min_match=min_match), ps, params)
+        assert got == want, (seed, k)
+        lookups += sum(s.stats.lookup_rounds for s in seqs)
+    assert lookups > 0
+
+
+def test_sampled_rows_never_take_prompt_lookup():
+    target, draft, prompt = stat_setup()
+    seqs = [Sequence(list(prompt) * 3, SamplingParams(temperature=1.0, max_tokens=3, seed=i)) for i in range(20)]
+    engine = ssd_engine(target, draft, 2, [2, 1, 2], vocab=SMALL_VOCAB, max_batch=20, lookup_min_match=1)
+    engine.run(seqs)
+    assert sum(s.stats.lookup_rounds for s in seqs) == 0 and sum(s.stats.rounds for s in seqs) > 0
 
 
 def policy_engine(target, draft, k, fallback, c=1.0, vocab=VOCAB, max_batch=64):

@@ -21,8 +21,9 @@ def test_roundtrips():
     assert roundtrip(Shutdown()) == Shutdown()
     assert roundtrip(Ready(4, 8192)) == Ready(4, 8192)
     q = torch.rand(1, 3, 5)
-    s = roundtrip(Speculations([[1, 2, 3], [4, 5, 6]], [True, False], [1], q, 0.25, 0.125))
+    s = roundtrip(Speculations([[1, 2, 3], [4, 5, 6]], [True, False], [1], q, 0.25, 0.125, [True, True]))
     assert s.tokens == [[1, 2, 3], [4, 5, 6]] and s.hits == [True, False] and s.sampled_rows == [1]
+    assert s.lookups == [True, True]
     assert (s.tree_s, s.fallback_s) == (0.25, 0.125)
     assert torch.equal(s.q, q)
 

@@ -56,6 +56,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--fallback", choices=["auto", "neural", "ngram", "none"], default="auto",
                    help="on a cache miss: auto picks neural or ngram per round from measured costs (b*)")
     s.add_argument("--no-worker", action="store_true", help="run the drafter in this process (no overlap)")
+    s.add_argument("--lookup-min-match", type=int, default=3,
+                   help="greedy rows whose last N tokens occurred before take the prompt-lookup continuation "
+                        "ahead of the cache (default: 3; 0: off)")
     s.add_argument("--draft-cores", type=_core_list,
                    help="CPU cores for the draft worker, e.g. 6,7 (default: the last core); the target keeps the rest")
     s.add_argument("--draft-threads", type=_positive_int, help="torch threads of the draft worker (default: its cores)")
@@ -85,9 +88,12 @@ def ssd_options(args) -> dict:
         raise UsageError(f"--saguaro-c must be in [0, 1], got {args.saguaro_c}")
     if not 0 < args.acceptance < 1:
         raise UsageError(f"--acceptance must be in (0, 1), got {args.acceptance}")
+    if args.lookup_min_match < 0:
+        raise UsageError(f"--lookup-min-match must be >= 0, got {args.lookup_min_match}")
     return dict(fanout_budget=args.fanout_budget or 0, fanout=args.fanout, acceptance=args.acceptance,
                 r=args.power_r, saguaro_c=args.saguaro_c, fallback=args.fallback, worker=not args.no_worker,
-                fit=not args.fixed_fanout, draft_cores=args.draft_cores, draft_threads=args.draft_threads)
+                fit=not args.fixed_fanout, draft_cores=args.draft_cores, draft_threads=args.draft_threads,
+                lookup_min_match=args.lookup_min_match)
 
 
 def make_llm(args):

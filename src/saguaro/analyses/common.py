@@ -61,11 +61,12 @@ def chat_prompts(llm, opts: AnalysisOptions) -> list[list[int]]:
 def ssd_engine(llm, opts: AnalysisOptions, *, k: int | None = None, budget: int | None = None,
                shape: str = "geometric", c: float = 1.0, fallback: str = "neural", worker: bool = False,
                max_batch_size: int = 64):
-    """An SSD engine with a fixed fan-out shape and fallback (the online fit is off)."""
+    """An SSD engine with a fixed fan-out shape and fallback (the online fit is off), and no prompt
+    lookup ahead of the cache: the analyses study the paper's mechanisms alone."""
     return llm.make_engine("ssd", opts.draft, k or opts.k, max_batch_size,
                            fanout_budget=opts.fanout_budget if budget is None else budget, fanout=shape,
                            acceptance=opts.acceptance, r=opts.r, saguaro_c=c, fallback=fallback,
-                           worker=worker, fit=False)
+                           worker=worker, fit=False, lookup_min_match=0)
 
 
 def fanout_of(engine) -> list[int] | None:

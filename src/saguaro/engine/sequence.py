@@ -24,6 +24,8 @@ class RoundStats:
     cache_lookups: int = 0
     accepted_on_hit: int = 0  # draft tokens accepted in rounds whose speculation was a cache hit
     accepted_on_miss: int = 0
+    lookup_rounds: int = 0  # SSD: rounds served by prompt lookup ahead of the cache (not cache lookups)
+    accepted_on_lookup: int = 0
     draft_s: float = 0.0  # time the engine waited for drafts, in rounds this sequence took part in
     verify_s: float = 0.0
     draft_busy_s: float = 0.0  # SSD: time the drafter worked for those rounds (tree + fallback)
@@ -113,6 +115,8 @@ class Sequence:
                 mean_accepted_on_hit=s.accepted_on_hit / s.cache_hits if s.cache_hits else None,
                 mean_accepted_on_miss=s.accepted_on_miss / misses if misses else None,
             )
+        if s.lookup_rounds:
+            out.update(lookup_rounds=s.lookup_rounds, mean_accepted_on_lookup=s.accepted_on_lookup / s.lookup_rounds)
         if s.draft_busy_s > 0:  # the share of the drafter's work the target's verification hid
             out.update(
                 draft_busy_s=s.draft_busy_s,

@@ -46,13 +46,17 @@ class NgramSpeculator(Speculator):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def lookup(self, ids: list[int], k: int) -> list[int]:
+        return self.match(ids, k)[0]
+
+    def match(self, ids: list[int], k: int) -> tuple[list[int], int]:
+        """The proposal and the length of the suffix it continues (0: no match, repeats of the last token)."""
         for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
             suffix = ids[-n:]
             for start in range(len(ids) - n - 1, -1, -1):  # latest occurrence first
                 if ids[start : start + n] == suffix:
                     follow = ids[start + n : start + n + k]
-                    return follow + [follow[-1]] * (k - len(follow))
-        return [ids[-1]] * k
+                    return follow + [follow[-1]] * (k - len(follow)), n
+        return [ids[-1]] * k, 0
 
     def propose(self, seqs: list[Sequence], k: int) -> Proposal:
         return Proposal(torch.tensor([self.lookup(s.all_ids, k) for s in seqs]), None)

@@ -160,11 +160,11 @@ class SSDEngine(Engine):
             s.append(sp.tokens[:a] + [t], self.stop_ids)
             self.outcome[s.id] = (a, t)
             self._count(s.stats, sp, a, out, t1 - t0, t2 - t1, tree_s + fallback_s)
-            if not self.degraded:
+            if not self.degraded and sp.source != "lookup":  # lookup rounds say nothing of draft or cache
                 self.policy.observe(a, k, None if out is None else out[0], None if out is None else sp.hit,
                                     fallback, looked_up)
         if not self.degraded:
-            self.policy.observe_times(t2 - t1, tree_s, fallback_s, fallback, sum(not sp.hit for sp in specs))
+            self.policy.observe_times(t2 - t1, tree_s, fallback_s, fallback, sum(sp.source not in ("tree", "lookup") for sp in specs))
         for key, value in (("respond_s", t1 - t0), ("verify_s", t2 - t1), ("tree_s", tree_s),
                            ("fallback_s", fallback_s)):
             self.totals[key] += value
@@ -178,7 +178,10 @@ class SSDEngine(Engine):
         st.draft_s += wait_s
         st.verify_s += verify_s
         st.draft_busy_s += busy_s
-        if outcome is not None:  # the first round after prefill has nothing to look up
+        if spec.source == "lookup":
+            st.lookup_rounds += 1
+            st.accepted_on_lookup += accepted
+        elif outcome is not None:  # the first round after prefill has nothing to look up
             st.cache_lookups += 1
             st.cache_hits += spec.hit
             if spec.hit:

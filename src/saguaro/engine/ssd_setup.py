@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 PRIOR_ACCEPTANCE = 0.6  # a_p before anything is measured
 PRIOR_R = 0.5  # power-law exponent of misses vs fan-out
+LOOKUP_MIN_MATCH = 3  # greedy rows repeating their last 3 tokens take the prompt-lookup continuation
 
 
 def _affinity() -> list[int]:
@@ -52,11 +53,12 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
                     fanout: str = "geometric", acceptance: float = PRIOR_ACCEPTANCE, r: float = PRIOR_R,
                     saguaro_c: float = 1.0, fallback: str = "auto", worker: bool = True,
                     draft_cores: list[int] | None = None, draft_threads: int | None = None,
-                    worker_timeout: float = 60.0, fit: bool = True) -> SSDEngine:
+                    worker_timeout: float = 60.0, fit: bool = True,
+                    lookup_min_match: int = LOOKUP_MIN_MATCH) -> SSDEngine:
     """fit: refit a_p and r (and so the fan-out) from what the rounds show; False keeps the priors.
     fanout_budget 0: start at 3(K+1) branches and, when fitting, resize so the tree fits in a verification.
     draft_cores / draft_threads: where the CPU worker runs (default: the last core, 1 thread); the target
-    keeps the other cores."""
+    keeps the other cores. lookup_min_match: see SSDDrafter (0 turns prompt lookup first off)."""
     if draft_cores is not None and str(target.device) == "cpu":
         _check_draft_cores(draft_cores, available_cores())
     budget = fanout_budget or 3 * (k + 1)
@@ -68,7 +70,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
 
     def local() -> LocalDrafter:  # the SD fallback, also used when no worker is wanted
         return LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, [0] * (k + 1),
-                                       c=saguaro_c, fallback="neural"))
+                                       c=saguaro_c, fallback="neural", lookup_min_match=lookup_min_match))
 
     drafter = None
     degraded = None
@@ -80,6 +82,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
         head = json.loads((resolve_checkpoint(draft_path) / "config.json").read_text()).get("saguaro_output_token_ids")
         try:
             drafter = RemoteDrafter(target_path, draft_path, k, shape, vocab, c=saguaro_c, fallback=fallback,
+                                    lookup_min_match=lookup_min_match,
                                     dtype=str(target.dtype).removeprefix("torch."), device=draft_device(device),
                                     engine_device=device,
                                     cores=draft_cores, threads=draft_threads or len(draft_cores or [0]),
@@ -96,7 +99,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
             degraded = str(e)
     if drafter is None:
         drafter = LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, shape, c=saguaro_c,
-                                          fallback=fallback)) if not worker else local()
+                                          fallback=fallback, lookup_min_match=lookup_min_match)) if not worker else local()
     engine = SSDEngine(target, drafter, k, stop, max_batch_size, local_fallback=local if worker else None,
                        policy=policy)
     engine.degraded = degraded

@@ -39,7 +39,8 @@ class Speculation:
     tokens: list[int]
     q: torch.Tensor | None  # [K, V_draft] over the draft head (target_q expands it); None if deterministic
     hit: bool = False
-    source: str = "tree"  # "tree" (cache hit), or the fallback: "neural", "ngram" or "none"
+    source: str = "tree"  # "tree" (cache hit), "lookup" (prompt lookup first), or the fallback:
+    # "neural", "ngram" or "none"
 
 
 @dataclass
@@ -59,12 +60,15 @@ FALLBACKS = ("neural", "ngram", "none")
 
 class SSDDrafter:
     def __init__(self, draft: CausalLM, target_vocab: int, k: int, fanout: list[int], c: float = 1.0,
-                 fallback: str = "neural"):
+                 fallback: str = "neural", lookup_min_match: int = 0):
+        """lookup_min_match: a greedy row whose context repeats its last n >= lookup_min_match tokens
+        takes the prompt-lookup continuation, hit or miss (0: never)."""
         if len(fanout) != k + 1:
             raise ValueError(f"fan-out needs K+1 = {k + 1} entries, got {len(fanout)}")
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.draft, self.k, self.fanout, self.c, self.fallback = draft, k, list(fanout), c, fallback
+        self.lookup_min_match = lookup_min_match
         self.jit = NeuralSpeculator(draft, target_vocab)  # owns the main cache rows
         self.ngram = NgramSpeculator()
         self.rows: list[DraftRow] = []
@@ -113,7 +117,10 @@ class SSDDrafter:
             row.branches = {}
             if outcome is not None:  # keep the main row's KV for x + s_1..s_k only
                 self.jit.cache.lengths[i] = len(row.tokens) - 1
-            if spec is not None:
+            lookup = self._lookup(row, cached=spec is not None)
+            if lookup is not None:
+                spec = lookup
+            elif spec is not None:
                 spec.hit = True
             else:
                 miss_rows.append(i)
@@ -126,6 +133,15 @@ class SSDDrafter:
         for row, spec in zip(self.rows, out):
             row.speculation = spec
         return out
+
+    def _lookup(self, row: DraftRow, cached: bool) -> Speculation | None:
+        """Prompt lookup ahead of the cache, for greedy rows whose context repeats itself: there a
+        long n-gram match is accepted more often than the draft's own guess (README, "Prompt lookup
+        first"). Sampled rows keep the draft's q, which a deterministic proposal would give up."""
+        if not self.lookup_min_match or not row.params.greedy:
+            return None
+        tokens, n = self.ngram.match(row.tokens, self.k)
+        return Speculation(tokens, None, hit=cached, source="lookup") if n >= self.lookup_min_match else None
 
     def target_q(self, q: torch.Tensor) -> torch.Tensor:
         """A speculation's q over the draft head -> over the target vocabulary (what the verifier uses)."""

@@ -9,7 +9,7 @@ that tensor, so nothing is pickled and no integer on the wire goes unnamed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,13 @@ class Fallback(IntEnum):
     NEURAL = 0
     NGRAM = 1
     NONE = 2
+
+
+class RowFlag(IntFlag):
+    """Per row of a Speculations message: was the outcome in the cache, did prompt lookup serve it."""
+
+    CACHED = 1
+    LOOKUP = 2
 
 
 NO_OUTCOME = -1  # "this row has no outcome yet" (its first round after prefill)
@@ -151,11 +158,14 @@ class Speculations:
     q: torch.Tensor | None = None  # [len(sampled_rows), K, head_vocab]
     tree_s: float = 0.0
     fallback_s: float = 0.0
+    lookups: list[bool] = field(default_factory=list)  # rows served by prompt lookup (empty: none)
     kind = Kind.SPECULATIONS
 
     def pack(self):
         k = len(self.tokens[0]) if self.tokens else 0
-        ints = [len(self.tokens), k] + [t for row in self.tokens for t in row] + [int(h) for h in self.hits]
+        lookups = self.lookups or [False] * len(self.tokens)
+        flags = [int(RowFlag.CACHED * h | RowFlag.LOOKUP * lk) for h, lk in zip(self.hits, lookups)]
+        ints = [len(self.tokens), k] + [t for row in self.tokens for t in row] + flags
         return ints + self.sampled_rows, [float(self.tree_s), float(self.fallback_s)], self.q
 
     @classmethod
@@ -163,8 +173,9 @@ class Speculations:
         n, k = ints[0], ints[1]
         body = ints[2 : 2 + n * k]
         tokens = [body[i * k : (i + 1) * k] for i in range(n)]
-        hits = [bool(h) for h in ints[2 + n * k : 2 + n * k + n]]
-        return cls(tokens, hits, ints[2 + n * k + n :], tensor, floats[0], floats[1])
+        flags = [RowFlag(f) for f in ints[2 + n * k : 2 + n * k + n]]
+        return cls(tokens, [RowFlag.CACHED in f for f in flags], ints[2 + n * k + n :], tensor, floats[0],
+                   floats[1], [RowFlag.LOOKUP in f for f in flags])
 
 
 MESSAGES = {m.kind: m for m in (Prefill, Respond, Retire, Shutdown, Ready, Speculations)}

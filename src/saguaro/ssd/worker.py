@@ -67,7 +67,8 @@ def serve(args) -> None:
     draft = load_draft(args.draft, target, tokenizer)
     vocab = target.config.vocab_size
     del target
-    drafter = SSDDrafter(draft, vocab, args.k, args.fanout, c=args.c, fallback=args.fallback)
+    drafter = SSDDrafter(draft, vocab, args.k, args.fanout, c=args.c, fallback=args.fallback,
+                         lookup_min_match=args.lookup_min_match)
     head = draft.output_token_ids
     wire.send(wire.Ready(args.k, vocab if head is None else len(head)), ENGINE, comm)
     while True:
@@ -90,7 +91,8 @@ def serve(args) -> None:
                 q = torch.stack([specs[i].q for i in sampled])  # over the draft head
                 q = q if head is not None else drafter.target_q(q)
             wire.send(wire.Speculations([s.tokens for s in specs], [s.hit for s in specs], sampled, q,
-                                        tree_s, drafter.fallback_s), ENGINE, comm)
+                                        tree_s, drafter.fallback_s, [s.source == "lookup" for s in specs]),
+                      ENGINE, comm)
             drafter.build_tree()  # overlaps the engine's verification of these speculations
     dist.destroy_process_group()
 
@@ -105,6 +107,7 @@ def worker_parser(p: argparse.ArgumentParser | None = None) -> argparse.Argument
     p.add_argument("--fanout", type=lambda s: [int(x) for x in s.split(",")], required=True)
     p.add_argument("--c", type=float, default=1.0)
     p.add_argument("--fallback", choices=["neural", "ngram", "none"], default="neural")
+    p.add_argument("--lookup-min-match", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu", help="the draft's device (cpu, cuda:1, ...)")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
@@ -124,7 +127,8 @@ class RemoteDrafter:
     """The engine's handle on a draft worker process (spawned here unless `spawn` is False)."""
 
     def __init__(self, target: str, draft: str, k: int, fanout: list[int], target_vocab: int,
-                 c: float = 1.0, fallback: str = "neural", dtype: str = "float32", device: str = "cpu",
+                 c: float = 1.0, fallback: str = "neural", lookup_min_match: int = 0,
+                 dtype: str = "float32", device: str = "cpu",
                  cores: list[int] | None = None, threads: int = 1, timeout: float = 60.0,
                  master_addr: str = "127.0.0.1", master_port: int | None = None, spawn: bool = True,
                  head_ids: torch.Tensor | None = None, engine_device: str = "cpu"):
@@ -139,6 +143,7 @@ class RemoteDrafter:
             cmd = [sys.executable, "-m", "saguaro.ssd.worker", "--master-addr", master_addr, "--master-port", str(port),
                    "--target", str(target), "--draft", str(draft), "--k", str(k),
                    "--fanout", ",".join(map(str, fanout)), "--c", str(c), "--fallback", fallback,
+                   "--lookup-min-match", str(lookup_min_match),
                    "--dtype", dtype, "--device", device, "--backend", backend, "--threads", str(threads), "--timeout", str(timeout)]
             if cores:
                 cmd += ["--cores", ",".join(map(str, cores))]
@@ -177,8 +182,9 @@ class RemoteDrafter:
             if self.head_ids is not None:
                 q = torch.zeros(q.shape[0], self.vocab, dtype=q.dtype).index_copy_(1, self.head_ids, q)
             qs[row] = q
-        return [Speculation(t, qs.get(i), hit=h, source="tree" if h else fallback)
-                for i, (t, h) in enumerate(zip(msg.tokens, msg.hits))]
+        lookups = msg.lookups or [False] * len(msg.tokens)
+        return [Speculation(t, qs.get(i), hit=h, source="lookup" if lk else "tree" if h else fallback)
+                for i, (t, h, lk) in enumerate(zip(msg.tokens, msg.hits, lookups))]
 
     def build_tree(self) -> None:
         """The worker starts on its own right after responding."""

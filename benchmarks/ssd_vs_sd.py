@@ -37,6 +37,17 @@ def place(cores: list[int]) -> None:
     torch.set_num_threads(len(cores))
 
 
+class NoLookup(EngineRunner):
+    """SSD without prompt lookup ahead of the cache: the paper's mechanism alone."""
+
+    def generate(self, prompts, params):
+        saved, self.engine.lookup_min_match = self.engine.lookup_min_match, 0
+        try:
+            return super().generate(prompts, params)
+        finally:
+            self.engine.lookup_min_match = saved
+
+
 def per_round(summary: dict) -> dict:
     """SD/SSD round costs from bench.summarize's totals."""
     if not summary.get("rounds"):
@@ -64,17 +75,15 @@ def main() -> None:
         raise SystemExit("needs two cores")
     llm = LLM(mode="ar")
     ssd = llm.make_engine("ssd", None, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:])
-    ssd_plain = llm.make_engine("ssd", None, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:],
-                                lookup_min_match=0)  # an idle worker takes no CPU: the two never overlap
-    if ssd.degraded or ssd_plain.degraded:
-        raise SystemExit(f"draft worker did not start: {ssd.degraded or ssd_plain.degraded}")
+    if ssd.degraded:
+        raise SystemExit(f"draft worker did not start: {ssd.degraded}")
     sd = llm.make_engine("sd", None, args.k)
     modes = {  # runner, cores it runs on
         "ar": (EngineRunner(llm.engine), cores),
         "sd-1core": (EngineRunner(sd), cores[:1]),
         "sd-2core": (EngineRunner(sd), cores),
         "ssd": (EngineRunner(ssd), cores[:-1]),
-        "ssd-no-lookup": (EngineRunner(ssd_plain), cores[:-1]),
+        "ssd-no-lookup": (NoLookup(ssd), cores[:-1]),  # the same engine and worker, lookup off
     }
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
     datasets = args.datasets.split(",")
@@ -96,7 +105,6 @@ def main() -> None:
                     bar.update(1)
     place(cores)
     ssd.close()
-    ssd_plain.close()
     report = {"config": vars(args) | {"cores": cores, "fanout": ssd.policy.fanout,
                                       "fitted_acceptance_r": ssd.policy.fitted}, "results": {}}
     for d in datasets:

@@ -36,15 +36,18 @@ def reference(ar, batch, max_tokens=24):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_worker_ssd_greedy_equals_ar(llms, draft_dir, batch):
-    ssd = llms.make_engine("ssd", str(draft_dir), 3, worker_timeout=60)
+@pytest.mark.parametrize("lookup_min_match", [0, 1])
+def test_worker_ssd_greedy_equals_ar(llms, draft_dir, batch, lookup_min_match):
+    ssd = llms.make_engine("ssd", str(draft_dir), 3, worker_timeout=60, lookup_min_match=lookup_min_match)
     try:
         assert ssd.degraded is None
         seqs = [Sequence(llms.tokenizer.encode(p), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
                 for p in PROMPTS[:batch]]
         ssd.run(seqs)
         assert [s.output_ids for s in seqs] == reference(llms, batch)
-        assert sum(s.stats.cache_lookups for s in seqs) > 0
+        assert sum(s.stats.cache_lookups for s in seqs) > 0 or lookup_min_match
+        lookups = sum(s.stats.lookup_rounds for s in seqs)
+        assert lookups > 0 if lookup_min_match else lookups == 0  # flagged across the wire
     finally:
         ssd.close()
 

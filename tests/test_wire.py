@@ -15,7 +15,7 @@ def test_roundtrips():
     p = Prefill([3, 9], [[1, 2, 3], [4]], [0.0, 0.7], [1.0, 0.9], [0, 5], [None, 42])
     assert roundtrip(p) == p
     for fallback in ("neural", "ngram", "none"):
-        r = Respond([None, (2, 17)], [[5], [6, 7, 8]], [3, 2, 1], fallback)
+        r = Respond([None, (2, 17)], [[5], [6, 7, 8]], [3, 2, 1], fallback, lookup_min_match=3)
         assert roundtrip(r) == r
     assert roundtrip(Retire([0, 2])) == Retire([0, 2])
     assert roundtrip(Shutdown()) == Shutdown()

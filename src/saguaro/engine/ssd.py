@@ -33,8 +33,9 @@ class LocalDrafter:
     def prefill(self, seq_ids, prompts, params, seeds) -> None:
         self.drafter.prefill(seq_ids, prompts, params, seeds)
 
-    def respond(self, outcomes, new_tokens, fanout: list[int], fallback: str) -> list[Speculation]:
-        self.drafter.set_policy(fanout, fallback)
+    def respond(self, outcomes, new_tokens, fanout: list[int], fallback: str,
+                lookup_min_match: int = 0) -> list[Speculation]:
+        self.drafter.set_policy(fanout, fallback, lookup_min_match)
         self.tree_s = self.drafter.tree_s
         specs = self.drafter.respond(outcomes, new_tokens)
         self.fallback_s = self.drafter.fallback_s
@@ -60,9 +61,11 @@ class SSDEngine(Engine):
     mode = "ssd"
 
     def __init__(self, target: CausalLM, drafter, k: int, stop_token_ids: set[int], max_batch_size: int = 64,
-                 local_fallback=None, policy: SaguaroPolicy | None = None):
+                 local_fallback=None, policy: SaguaroPolicy | None = None, lookup_min_match: int = 0):
         """local_fallback: makes an in-process drafter to finish with if the worker fails.
-        policy: fan-out and fallback per round (default: the drafter's own, never refitted)."""
+        policy: fan-out and fallback per round (default: the drafter's own, never refitted).
+        lookup_min_match: greedy rows repeating their last n >= this many tokens take the prompt-lookup
+        continuation ahead of the cache (0: never); an attribute, so it can change between requests."""
         super().__init__(target, stop_token_ids, max_batch_size)
         self.drafter, self.k = drafter, k
         if policy is None:  # an in-process drafter keeps the fan-out and fallback it was built with
@@ -70,6 +73,7 @@ class SSDEngine(Engine):
         self.policy = policy
         self.tree_fanout = [0] * (k + 1)  # the fan-out of the tree being built now
         self.local_fallback = local_fallback
+        self.lookup_min_match = lookup_min_match
         self.degraded: str | None = None  # why the engine left its worker, if it did
         self.release_cores = None  # restores the cores and threads the target had before its worker
         self.sent: dict[int, int] = {}  # seq id -> tokens of its context the drafter has
@@ -131,11 +135,11 @@ class SSDEngine(Engine):
         looked_up = self.tree_fanout
         fanout = [0] * (k + 1) if self.degraded else self.policy.fanout  # degraded: plain SD
         fallback = "neural" if self.degraded else self.policy.next_fallback(len(seqs))
-        specs = self._guarded(lambda d: d.respond, outcomes, new, fanout, fallback)
+        specs = self._guarded(lambda d: d.respond, outcomes, new, fanout, fallback, self.lookup_min_match)
         if specs is None:  # the worker failed: ask the local drafter, which has no outcomes yet
             outcomes = [None] * len(seqs)
             fanout, fallback = [0] * (k + 1), "neural"
-            specs = self.drafter.respond(outcomes, new, fanout, fallback)
+            specs = self.drafter.respond(outcomes, new, fanout, fallback, self.lookup_min_match)
         self.tree_fanout = fanout
         for s in seqs:
             self.sent[s.id] = len(s.all_ids)

@@ -70,7 +70,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
 
     def local() -> LocalDrafter:  # the SD fallback, also used when no worker is wanted
         return LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, [0] * (k + 1),
-                                       c=saguaro_c, fallback="neural", lookup_min_match=lookup_min_match))
+                                       c=saguaro_c, fallback="neural"))
 
     drafter = None
     degraded = None
@@ -82,7 +82,6 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
         head = json.loads((resolve_checkpoint(draft_path) / "config.json").read_text()).get("saguaro_output_token_ids")
         try:
             drafter = RemoteDrafter(target_path, draft_path, k, shape, vocab, c=saguaro_c, fallback=fallback,
-                                    lookup_min_match=lookup_min_match,
                                     dtype=str(target.dtype).removeprefix("torch."), device=draft_device(device),
                                     engine_device=device,
                                     cores=draft_cores, threads=draft_threads or len(draft_cores or [0]),
@@ -99,9 +98,9 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
             degraded = str(e)
     if drafter is None:
         drafter = LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, shape, c=saguaro_c,
-                                          fallback=fallback, lookup_min_match=lookup_min_match)) if not worker else local()
+                                          fallback=fallback)) if not worker else local()
     engine = SSDEngine(target, drafter, k, stop, max_batch_size, local_fallback=local if worker else None,
-                       policy=policy)
+                       policy=policy, lookup_min_match=lookup_min_match)
     engine.degraded = degraded
     engine.release_cores = release_cores
     return engine

@@ -60,15 +60,15 @@ FALLBACKS = ("neural", "ngram", "none")
 
 class SSDDrafter:
     def __init__(self, draft: CausalLM, target_vocab: int, k: int, fanout: list[int], c: float = 1.0,
-                 fallback: str = "neural", lookup_min_match: int = 0):
-        """lookup_min_match: a greedy row whose context repeats its last n >= lookup_min_match tokens
-        takes the prompt-lookup continuation, hit or miss (0: never)."""
+                 fallback: str = "neural"):
         if len(fanout) != k + 1:
             raise ValueError(f"fan-out needs K+1 = {k + 1} entries, got {len(fanout)}")
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.draft, self.k, self.fanout, self.c, self.fallback = draft, k, list(fanout), c, fallback
-        self.lookup_min_match = lookup_min_match
+        # a greedy row whose context repeats its last n >= lookup_min_match tokens takes the prompt-lookup
+        # continuation, hit or miss (0: never); the engine sets it with the policy every round
+        self.lookup_min_match = 0
         self.jit = NeuralSpeculator(draft, target_vocab)  # owns the main cache rows
         self.ngram = NgramSpeculator()
         self.rows: list[DraftRow] = []
@@ -80,11 +80,11 @@ class SSDDrafter:
             self.head_index = torch.full((target_vocab,), -1, dtype=torch.long, device=out_ids.device)
             self.head_index[out_ids] = torch.arange(len(out_ids), device=out_ids.device)
 
-    def set_policy(self, fanout: list[int], fallback: str) -> None:
-        """Fan-out of the next tree and fallback of the next misses (the engine refits them)."""
-        if len(fanout) != self.k + 1 or fallback not in FALLBACKS:
-            raise ValueError(f"bad policy: fan-out {fanout}, fallback {fallback!r}")
-        self.fanout, self.fallback = list(fanout), fallback
+    def set_policy(self, fanout: list[int], fallback: str, lookup_min_match: int = 0) -> None:
+        """Fan-out of the next tree, fallback of the next misses and the prompt-lookup rule (the engine's)."""
+        if len(fanout) != self.k + 1 or fallback not in FALLBACKS or lookup_min_match < 0:
+            raise ValueError(f"bad policy: fan-out {fanout}, fallback {fallback!r}, lookup {lookup_min_match}")
+        self.fanout, self.fallback, self.lookup_min_match = list(fanout), fallback, lookup_min_match
 
     # ------------------------------------------------------------------ batch membership
     @torch.inference_mode()

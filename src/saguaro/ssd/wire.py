@@ -80,27 +80,29 @@ class Prefill:
 
 @dataclass
 class Respond:
-    """Answer these outcomes now (misses with `fallback`), then build the next tree with `fanout`."""
+    """Answer these outcomes now (misses with `fallback`, greedy rows repeating their last
+    `lookup_min_match` tokens by prompt lookup), then build the next tree with `fanout`."""
 
     outcomes: list[tuple[int, int] | None]  # per row: (accepted, emitted token) of its last round
     new_tokens: list[list[int]]  # per row: context tokens the worker has not seen
     fanout: list[int]
     fallback: str = "neural"
+    lookup_min_match: int = 0  # 0: no prompt lookup ahead of the cache
     kind = Kind.RESPOND
 
     def pack(self):
         flat = [v for o in self.outcomes for v in ((NO_OUTCOME, NO_OUTCOME) if o is None else o)]
-        head = [int(Fallback[self.fallback.upper()]), len(self.fanout)] + self.fanout
+        head = [int(Fallback[self.fallback.upper()]), self.lookup_min_match, len(self.fanout)] + self.fanout
         return head + [len(self.outcomes)] + flat + _ragged(self.new_tokens), [], None
 
     @classmethod
     def unpack(cls, ints, floats, tensor):
-        fallback, nf = Fallback(ints[0]).name.lower(), ints[1]
-        fanout, at = ints[2 : 2 + nf], 2 + nf
+        fallback, lookup_min_match, nf = Fallback(ints[0]).name.lower(), ints[1], ints[2]
+        fanout, at = ints[3 : 3 + nf], 3 + nf
         n = ints[at]
         pairs = [tuple(ints[at + 1 + 2 * i : at + 3 + 2 * i]) for i in range(n)]
         rows, _ = _unragged(ints, at + 1 + 2 * n)
-        return cls([None if p[0] == NO_OUTCOME else p for p in pairs], rows, fanout, fallback)
+        return cls([None if p[0] == NO_OUTCOME else p for p in pairs], rows, fanout, fallback, lookup_min_match)
 
 
 @dataclass

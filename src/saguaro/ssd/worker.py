@@ -67,8 +67,7 @@ def serve(args) -> None:
     draft = load_draft(args.draft, target, tokenizer)
     vocab = target.config.vocab_size
     del target
-    drafter = SSDDrafter(draft, vocab, args.k, args.fanout, c=args.c, fallback=args.fallback,
-                         lookup_min_match=args.lookup_min_match)
+    drafter = SSDDrafter(draft, vocab, args.k, args.fanout, c=args.c, fallback=args.fallback)
     head = draft.output_token_ids
     wire.send(wire.Ready(args.k, vocab if head is None else len(head)), ENGINE, comm)
     while True:
@@ -82,7 +81,7 @@ def serve(args) -> None:
         elif isinstance(msg, wire.Retire):
             drafter.retire(msg.keep)
         elif isinstance(msg, wire.Respond):
-            drafter.set_policy(msg.fanout, msg.fallback)
+            drafter.set_policy(msg.fanout, msg.fallback, msg.lookup_min_match)
             tree_s = drafter.tree_s  # the tree these outcomes are looked up in
             specs = drafter.respond(msg.outcomes, msg.new_tokens)
             sampled = [i for i, s in enumerate(specs) if s.q is not None]
@@ -107,7 +106,6 @@ def worker_parser(p: argparse.ArgumentParser | None = None) -> argparse.Argument
     p.add_argument("--fanout", type=lambda s: [int(x) for x in s.split(",")], required=True)
     p.add_argument("--c", type=float, default=1.0)
     p.add_argument("--fallback", choices=["neural", "ngram", "none"], default="neural")
-    p.add_argument("--lookup-min-match", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu", help="the draft's device (cpu, cuda:1, ...)")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
@@ -127,8 +125,7 @@ class RemoteDrafter:
     """The engine's handle on a draft worker process (spawned here unless `spawn` is False)."""
 
     def __init__(self, target: str, draft: str, k: int, fanout: list[int], target_vocab: int,
-                 c: float = 1.0, fallback: str = "neural", lookup_min_match: int = 0,
-                 dtype: str = "float32", device: str = "cpu",
+                 c: float = 1.0, fallback: str = "neural", dtype: str = "float32", device: str = "cpu",
                  cores: list[int] | None = None, threads: int = 1, timeout: float = 60.0,
                  master_addr: str = "127.0.0.1", master_port: int | None = None, spawn: bool = True,
                  head_ids: torch.Tensor | None = None, engine_device: str = "cpu"):
@@ -143,7 +140,6 @@ class RemoteDrafter:
             cmd = [sys.executable, "-m", "saguaro.ssd.worker", "--master-addr", master_addr, "--master-port", str(port),
                    "--target", str(target), "--draft", str(draft), "--k", str(k),
                    "--fanout", ",".join(map(str, fanout)), "--c", str(c), "--fallback", fallback,
-                   "--lookup-min-match", str(lookup_min_match),
                    "--dtype", dtype, "--device", device, "--backend", backend, "--threads", str(threads), "--timeout", str(timeout)]
             if cores:
                 cmd += ["--cores", ",".join(map(str, cores))]
@@ -172,8 +168,10 @@ class RemoteDrafter:
                            [p.top_k for p in params], seeds)
         self._call(wire.send, msg, WORKER, self.comm)
 
-    def respond(self, outcomes, new_tokens, fanout: list[int], fallback: str) -> list[Speculation]:
-        self._call(wire.send, wire.Respond(outcomes, new_tokens, list(fanout), fallback), WORKER, self.comm)
+    def respond(self, outcomes, new_tokens, fanout: list[int], fallback: str,
+                lookup_min_match: int = 0) -> list[Speculation]:
+        self._call(wire.send, wire.Respond(outcomes, new_tokens, list(fanout), fallback, lookup_min_match),
+                   WORKER, self.comm)
         msg = self._call(wire.recv, WORKER, self.comm)
         self.tree_s, self.fallback_s = msg.tree_s, msg.fallback_s
         qs = {}

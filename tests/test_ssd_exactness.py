@@ -12,7 +12,8 @@ from saguaro.sampling import SamplingParams, target_probs
 from saguaro.ssd.drafter import SSDDrafter
 from saguaro.ssd.fanout import geometric_fanout
 from saguaro.ssd.online import SaguaroPolicy
-from tests.test_sd_exactness import (N_SAMPLES, REDUCED_HEAD, SMALL_VOCAB, STOP, VOCAB, chi2_pvalue, exact_joint, prompts, run)
+from tests.test_sd_exactness import (N_SAMPLES, REDUCED_HEAD, SMALL_VOCAB, STOP, VOCAB, chi2_pvalue, exact_joint,
+                                     prompts, run)
 from tests.tiny import perturbed, tiny_model
 
 

@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 from saguaro.bench import EngineRunner, run_batch, summarize
+from saguaro.engine.ssd_setup import available_cores
 from saguaro.prompts import load_prompts
 from saguaro.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-
-START_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
 @dataclass
@@ -103,10 +102,10 @@ def timed_engine(llm, opts: AnalysisOptions, **kw):
 
     A worker engine pins this process to the cores it leaves the target, and the next worker engine
     would then see only those cores and share the target's core. Analyses make one worker engine
-    after another, so each starts from the cores this process had at import time.
+    after another, so each starts from the cores this process had when it started.
     """
     if opts.worker and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, START_CORES)
+        os.sched_setaffinity(0, available_cores())
     return ssd_engine(llm, opts, worker=opts.worker, **kw)
 
 

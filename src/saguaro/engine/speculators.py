@@ -21,6 +21,18 @@ class Proposal:
     q: torch.Tensor | None  # [B, K, V] over the target's vocabulary; None = deterministic (one-hot)
 
 
+def head_to_vocab(q: torch.Tensor, head_ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """q over a draft head [..., V_head] -> over the target's vocabulary [..., vocab], zero off the head.
+    head_ids[j] is the target id of head row j; None means the head covers the first V_head ids."""
+    if head_ids is None and q.shape[-1] == vocab:
+        return q
+    full = q.new_zeros(*q.shape[:-1], vocab)
+    if head_ids is None:
+        full[..., : q.shape[-1]] = q
+        return full
+    return full.index_copy_(-1, head_ids.to(q.device), q)
+
+
 class Speculator:
     def prefill(self, seqs: list[Sequence], ids: torch.Tensor, lengths: torch.Tensor) -> None:
         """New sequences (prompts in `ids`, right-padded) join the batch as rows at the end."""
@@ -99,14 +111,7 @@ class NeuralSpeculator(Speculator):
         Temperature, top-k, top-p and sigma_{F,C} give the same distribution whether applied over the
         head or over the full vocabulary with -inf logits off the head, so drafters can work in the
         (smaller) head and expand only what the verifier needs."""
-        out_ids = self.draft.output_token_ids
-        if out_ids is None and q.shape[-1] == self.target_vocab:
-            return q
-        full = q.new_zeros(*q.shape[:-1], self.target_vocab)
-        if out_ids is None:  # a head over the first V_draft target ids
-            full[..., : q.shape[-1]] = q
-            return full
-        return full.index_copy_(-1, out_ids.to(q.device), q)
+        return head_to_vocab(q, self.draft.output_token_ids, self.target_vocab)
 
     def propose(self, seqs: list[Sequence], k: int) -> Proposal:
         # Feed what the draft has not seen: the target's last token, plus the last accepted draft

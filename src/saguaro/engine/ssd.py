@@ -168,7 +168,8 @@ class SSDEngine(Engine):
                 self.policy.observe(a, k, None if out is None else out[0], None if out is None else sp.hit,
                                     fallback, looked_up)
         if not self.degraded:
-            self.policy.observe_times(t2 - t1, tree_s, fallback_s, fallback, sum(sp.source not in ("tree", "lookup") for sp in specs))
+            fallback_rows = sum(sp.source not in ("tree", "lookup") for sp in specs)
+            self.policy.observe_times(t2 - t1, tree_s, fallback_s, fallback, fallback_rows)
         for key, value in (("respond_s", t1 - t0), ("verify_s", t2 - t1), ("tree_s", tree_s),
                            ("fallback_s", fallback_s)):
             self.totals[key] += value

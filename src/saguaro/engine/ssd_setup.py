@@ -89,8 +89,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
                                     head_ids=None if head is None else torch.tensor(head))
             if draft_cores and device == "cpu":  # keep the target off the draft's cores
                 rest = [c for c in cores if c not in draft_cores]
-                before = (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                          torch.get_num_threads())
+                before = (_affinity(), torch.get_num_threads())
                 pin(rest, len(rest))
                 release_cores = lambda: pin(*before)  # noqa: E731
         except WorkerError as e:

@@ -18,6 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from saguaro.engine.speculators import head_to_vocab
 from saguaro.sampling import SamplingParams
 from saguaro.ssd import wire
 from saguaro.ssd.drafter import Speculation, SSDDrafter
@@ -174,15 +175,9 @@ class RemoteDrafter:
                    WORKER, self.comm)
         msg = self._call(wire.recv, WORKER, self.comm)
         self.tree_s, self.fallback_s = msg.tree_s, msg.fallback_s
-        qs = {}
-        for j, row in enumerate(msg.sampled_rows):
-            q = msg.q[j]
-            if self.head_ids is not None:
-                q = torch.zeros(q.shape[0], self.vocab, dtype=q.dtype).index_copy_(1, self.head_ids, q)
-            qs[row] = q
-        lookups = msg.lookups or [False] * len(msg.tokens)
+        qs = {row: head_to_vocab(msg.q[j], self.head_ids, self.vocab) for j, row in enumerate(msg.sampled_rows)}
         return [Speculation(t, qs.get(i), hit=h, source="lookup" if lk else "tree" if h else fallback)
-                for i, (t, h, lk) in enumerate(zip(msg.tokens, msg.hits, lookups))]
+                for i, (t, h, lk) in enumerate(zip(msg.tokens, msg.hits, msg.lookups))]
 
     def build_tree(self) -> None:
         """The worker starts on its own right after responding."""

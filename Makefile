@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup run test bench gpu-check clean
+.PHONY: setup run test bench peers gpu-check clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/ar_speed.py
+
+# Peer engines for `saguaro bench --modes llamacpp,llamacpp-f32` (not part of `make test`).
+# llama-cpp-python is compiled from PyPI's sdist (cmake + a C++ compiler; ~8 min on 2 cores).
+LLAMA_CPP_VERSION := 0.3.36
+peers: setup
+	$(PIP) install --no-binary llama-cpp-python 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
 
 # On a machine with a GPU and a CUDA build of torch in $(CUDA_PYTHON): exactness on CUDA, then a small bench.
 CUDA_PYTHON ?= python3

@@ -131,3 +131,67 @@ def test_reduced_head_is_minus_inf_outside_the_head():
     assert torch.isinf(logits[:, [0, 2, 3, 4, 6, 8, 9]]).all() and torch.isfinite(logits[:, [1, 5, 7]]).all()
     assert set(logits.argmax(-1).tolist()) <= {1, 5, 7}
     assert cut_at_stop([4, 9, 2, 2, 8], {2}, 10) == [4, 9, 2] and cut_at_stop([4, 9, 3], {2}, 2) == [4, 9]
+
+
+# ---------------------------------------------------------------------------- llama.cpp peer
+
+def test_llamacpp_modes_parse():
+    from saguaro.bench import parse_mode
+
+    assert parse_mode("llamacpp") == ("llamacpp", None)
+    assert parse_mode("llamacpp-f32") == ("llamacpp-f32", None)
+
+
+def test_llamacpp_missing_is_a_one_line_error(monkeypatch, capsys):
+    from saguaro.bench_llamacpp import MISSING
+
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # `import llama_cpp` now fails
+    assert main(["bench", "--modes", "ar,llamacpp-f32", "--num-prompts", "1"]) == 2
+    assert capsys.readouterr().err == f"saguaro: error: {MISSING}\n"
+
+
+def test_llamacpp_needs_a_gguf_target(tmp_path):
+    from saguaro.bench_llamacpp import gguf_source
+
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        gguf_source(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def chat_prompt(embedded):
+    return embedded[2].encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+
+
+def test_llamacpp_runner_on_the_embedded_gguf(embedded, chat_prompt):
+    pytest.importorskip("llama_cpp")
+    from saguaro.bench_llamacpp import LlamaCppRunner
+    from saguaro.sampling import SamplingParams
+
+    path, model, tok = embedded
+    runner = LlamaCppRunner(path, tok.stop_token_ids, threads=1, n_ctx=512)
+    try:
+        greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        sampled = SamplingParams(temperature=1.0, max_tokens=6, seed=3, ignore_eos=True)
+        first, again = runner.generate([chat_prompt, chat_prompt], [greedy, greedy])
+        one, two = runner.generate([chat_prompt, chat_prompt], [sampled, sampled])
+    finally:
+        runner.close()
+    assert len(first) == 6 and all(0 <= t < model.config.vocab_size for t in first)
+    assert first == again  # each prompt prefilled afresh, same result
+    assert one == two and len(one) == 6
+
+
+def test_llamacpp_f32_agrees_with_our_greedy_ar(llm, chat_prompt):
+    """Same F32 weights, same arithmetic up to summation order: the first greedy tokens agree."""
+    pytest.importorskip("llama_cpp")
+    from saguaro.bench_llamacpp import LlamaCppRunner, f32_gguf
+    from saguaro.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=8)
+    ours = llm.generate([chat_prompt], params)[0].token_ids
+    runner = LlamaCppRunner(f32_gguf(Path(llm.target_path), threads=1), llm.tokenizer.stop_token_ids, 1, 512)
+    try:
+        theirs = runner.generate([chat_prompt], [params])[0]
+    finally:
+        runner.close()
+    assert theirs == ours

@@ -16,23 +16,27 @@ def run_cli(capsys, *args):
     return code, out.out, out.err
 
 
-def test_generate_json_on_embedded(capsys, embedded):
-    """The default mode (auto): SSD wherever a second core can run the draft, and the target gets its
-    cores back afterwards."""
+@pytest.mark.parametrize("prompts", [["def add(a, b):"], ["def add(a, b):", "Hello"]])
+def test_generate_json_on_embedded(capsys, embedded, prompts):
+    """The default mode (auto): wherever a second core can run the draft, SSD for one greedy row and AR
+    for a batch (engine/auto.py), and the target gets its cores back afterwards."""
     import os
 
     from saguaro.engine.ssd_setup import available_cores
 
     cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    code, out, err = run_cli(capsys, "generate", "--json", "--max-tokens", "6", "--ignore-eos", "def add(a, b):",
-                             "Hello")
+    code, out, err = run_cli(capsys, "generate", "--json", "--max-tokens", "6", "--ignore-eos", *prompts)
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
-    assert len(rows) == 2
+    assert len(rows) == len(prompts)
     for row in rows:
         assert len(row["token_ids"]) == 6 and isinstance(row["text"], str)
         assert row["metrics"]["tokens_per_s"] > 0
-        assert row["metrics"]["mode"] == ("ssd" if len(available_cores()) > 1 else "ar")
+        if len(available_cores()) > 1:
+            assert row["metrics"]["mode"] == ("ssd" if len(prompts) == 1 else "ar")
+            assert row["metrics"]["auto_reason"]
+        else:
+            assert row["metrics"]["mode"] == "ar"
     assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads
 
 

@@ -1,10 +1,12 @@
 """`saguaro bench`: decoding modes side by side on the same prompts, in one process run.
 
 Modes: ar, sd (our distilled draft), sd-ngram (prompt lookup), ssd (Saguaro, draft worker), hf
-(transformers `generate`) and hf-assisted (transformers with our draft as assistant; see bench_hf).
+(transformers `generate`), hf-assisted (transformers with our draft as assistant; see bench_hf),
+llamacpp and llamacpp-f32 (llama.cpp on the target's GGUF, or on its F32 copy; see bench_llamacpp).
 Prompts are grouped into batches of --batch-size, each batch one `engine.run` (one `generate`
-for hf). Modes run interleaved batch by batch (the order rotates), so machine drift hits all
-alike; one warm-up generation per mode is excluded. Speedups are ratios of totals from this run.
+for hf; llama.cpp runs the batch's prompts one after another). Modes run interleaved batch by
+batch (the order rotates), so machine drift hits all alike; one warm-up generation per mode is
+excluded. Speedups are ratios of totals from this run.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from saguaro.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "sd", "sd-ngram", "ssd", "hf", "hf-assisted")
+MODES = ("ar", "sd", "sd-ngram", "ssd", "hf", "hf-assisted", "llamacpp", "llamacpp-f32")
 HF_MODES = ("hf", "hf-assisted")
+LLAMACPP_MODES = ("llamacpp", "llamacpp-f32")
 
 
 def parse_mode(spec: str) -> tuple[str, str | None]:
@@ -34,6 +37,16 @@ def parse_mode(spec: str) -> tuple[str, str | None]:
     if spec == "sd-ngram":
         return "sd", "ngram"
     return spec, None
+
+
+def check_modes(specs: list[str]) -> None:
+    """Every mode known, and the peers' packages importable: fails before any model loads."""
+    for spec in specs:
+        parse_mode(spec)
+    if any(spec in LLAMACPP_MODES for spec in specs):
+        from saguaro.bench_llamacpp import import_llama_cpp
+
+        import_llama_cpp()
 
 
 class EngineRunner:
@@ -51,8 +64,9 @@ class EngineRunner:
         self.engine.close()
 
 
-class HFBenchRunner:
-    """bench_hf.HFRunner with our per-sequence metric names (only token counts: HF reports no rounds)."""
+class PeerBenchRunner:
+    """A peer's runner (bench_hf.HFRunner, bench_llamacpp.LlamaCppRunner) with our per-sequence metric
+    names (only token counts: peers report no rounds)."""
 
     def __init__(self, runner):
         self.runner = runner
@@ -79,7 +93,13 @@ def make_runners(llm, modes: list[str], k: int, draft, ssd_options: dict) -> dic
             if mode == "hf-assisted":
                 draft_path = draft if draft not in (None, "ngram") else embedded_draft_path()
                 assistant = bench_hf.draft_as_hf_assistant(draft_path, hf_target, k)
-            runners[spec] = HFBenchRunner(bench_hf.HFRunner(hf_target, llm.tokenizer.stop_token_ids, assistant))
+            runners[spec] = PeerBenchRunner(bench_hf.HFRunner(hf_target, llm.tokenizer.stop_token_ids, assistant))
+        elif mode in LLAMACPP_MODES:
+            from saguaro import bench_llamacpp
+
+            runners[spec] = PeerBenchRunner(bench_llamacpp.make_runner(
+                mode, llm.target_path, llm.tokenizer.stop_token_ids, threads=torch.get_num_threads(),
+                n_ctx=llm.target.config.max_position))
         else:
             options = ssd_options if mode == "ssd" else {}
             runners[spec] = EngineRunner(llm.make_engine(mode, spec_draft or draft, k, **options))
@@ -194,7 +214,7 @@ def bench(llm, modes: list[str], datasets: list[str], num_prompts: int, max_toke
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'dataset':10} {'mode':11} {'tok/s':>7} {'ms/tok':>7} {'accept':>7} {'acc.len':>7} "
+    lines = [f"{'dataset':10} {'mode':12} {'tok/s':>7} {'ms/tok':>7} {'accept':>7} {'acc.len':>7} "
              f"{'hit':>5} {'hidden':>6} {'vs AR':>6} {'vs SD':>6} {'same':>5}"]
     for d, modes in report["results"].items():
         for m, r in modes.items():
@@ -202,7 +222,7 @@ def format_table(report: dict) -> str:
                 v = r.get(key)
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool)
                 return format(v, fmt) if ok else "-".rjust(int(fmt.split(".")[0]))
-            lines.append(f"{d:10} {m:11} {f('tokens_per_s', '7.2f')} {f('ms_per_token_median', '7.1f')} "
+            lines.append(f"{d:10} {m:12} {f('tokens_per_s', '7.2f')} {f('ms_per_token_median', '7.1f')} "
                          f"{f('acceptance_rate', '7.2f')} {f('mean_accepted', '7.2f')} {f('cache_hit_rate', '5.2f')} "
                          f"{f('draft_hidden_fraction', '6.2f')} {f('speedup_vs_ar', '6.2f')} "
                          f"{f('speedup_vs_sd', '6.2f')} {str(r.get('identical_to_ar', '-')):>5}")

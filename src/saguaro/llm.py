@@ -78,8 +78,10 @@ class LLM:
             neural_draft = draft not in (None, "ngram") or (model is None and embedded_draft_path() is not None)
             gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
             mode = auto_mode(neural_draft, device, len(available_cores()), gpus)
-            log.info("mode auto: running %s", mode)
-        self.mode = mode
+            log.info("mode auto: running %s", "SSD or AR round by round (engine/auto.py)" if mode == "ssd" else mode)
+            if mode == "ssd":  # speculation only in the rounds where it measured faster than AR
+                engine_options["auto"] = True
+        self.mode = "auto" if engine_options.get("auto") else mode
         target_path = Path(model) if model is not None else embedded_target_path()
         self.target_path = target_path
         self.target = load_model(target_path, dtype=DTYPES[dtype], device=device)
@@ -141,7 +143,7 @@ class LLM:
             if cut >= 0:
                 text = text[:cut]
         completion = CompletionOutput(text, list(seq.output_ids), seq.finish_reason)
-        metrics = dict(seq.metrics(), mode=self.mode)
+        metrics = {"mode": self.mode, **seq.metrics()}  # under auto, the sequence says which mode ran
         return RequestOutput(prompt if isinstance(prompt, str) else None, seq.prompt_ids, [completion], metrics)
 
     def close(self) -> None:

@@ -153,10 +153,14 @@ class AREngine(Engine):
     mode = "ar"
 
     def decode_round(self) -> None:
-        seqs = self.running
-        ids = torch.tensor([[s.last_token] for s in seqs], device=self.target.device)
-        logits = self.target(ids, self.cache)[:, -1]
-        self.cache.lengths += 1
-        tokens = sample(target_probs(logits, [s.params for s in seqs]), [s.generator for s in seqs]).tolist()
-        for s, t in zip(seqs, tokens):
-            s.append([t], self.stop_ids)
+        decode_one_token(self.target, self.cache, self.running, self.stop_ids)
+
+
+def decode_one_token(target: CausalLM, cache: KVCache, seqs: list[Sequence], stop_ids: set[int]) -> None:
+    """One AR round: one target forward for every row, one token sampled from p per row."""
+    ids = torch.tensor([[s.last_token] for s in seqs], device=target.device)
+    logits = target(ids, cache)[:, -1]
+    cache.lengths += 1
+    tokens = sample(target_probs(logits, [s.params for s in seqs]), [s.generator for s in seqs]).tolist()
+    for s, t in zip(seqs, tokens):
+        s.append([t], stop_ids)

@@ -29,6 +29,8 @@ class RoundStats:
     draft_s: float = 0.0  # time the engine waited for drafts, in rounds this sequence took part in
     verify_s: float = 0.0
     draft_busy_s: float = 0.0  # SSD: time the drafter worked for those rounds (tree + fallback)
+    ar_rounds: int = 0  # mode "auto": rounds that ran plain decoding instead of speculation
+    auto_reason: str | None = None  # mode "auto": why its last round ran the mode it did
 
 
 @dataclass(eq=False)  # a request is itself: identity, not field-by-field equality
@@ -117,6 +119,9 @@ class Sequence:
             )
         if s.lookup_rounds:
             out.update(lookup_rounds=s.lookup_rounds, mean_accepted_on_lookup=s.accepted_on_lookup / s.lookup_rounds)
+        if s.auto_reason is not None:
+            out.update(mode="ssd+ar" if s.rounds and s.ar_rounds else "ar" if s.ar_rounds else "ssd",
+                       ar_rounds=s.ar_rounds, auto_reason=s.auto_reason)
         if s.draft_busy_s > 0:  # the share of the drafter's work the target's verification hid
             out.update(
                 draft_busy_s=s.draft_busy_s,

@@ -9,11 +9,15 @@ worker client runs them in another process, where build_tree overlaps the target
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from saguaro.engine.base import Engine
+from saguaro.engine.auto import RoundChoice
+from saguaro.engine.base import Engine, decode_one_token
 from saguaro.engine.verify import verify
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import target_probs
@@ -21,6 +25,22 @@ from saguaro.ssd.drafter import Speculation, SSDDrafter
 from saguaro.ssd.online import SaguaroPolicy
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CoreSplit:
+    """The CPU cores and torch threads of the target: all of them, or those the draft worker leaves it."""
+
+    all_cores: list[int]
+    all_threads: int
+    shared_cores: list[int]  # while the worker drafts beside the target
+    shared_threads: int
+
+    def pin_target(self, alone: bool) -> None:
+        cores, threads = (self.all_cores, self.all_threads) if alone else (self.shared_cores, self.shared_threads)
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
 
 
 class LocalDrafter:
@@ -61,12 +81,20 @@ class SSDEngine(Engine):
     mode = "ssd"
 
     def __init__(self, target: CausalLM, drafter, k: int, stop_token_ids: set[int], max_batch_size: int = 64,
-                 local_fallback=None, policy: SaguaroPolicy | None = None, lookup_min_match: int = 0):
+                 local_fallback=None, policy: SaguaroPolicy | None = None, lookup_min_match: int = 0,
+                 round_rule: Callable[[int, int], RoundChoice] | None = None):
         """local_fallback: makes an in-process drafter to finish with if the worker fails.
         policy: fan-out and fallback per round (default: the drafter's own, never refitted).
         lookup_min_match: greedy rows repeating their last n >= this many tokens take the prompt-lookup
-        continuation ahead of the cache (0: never); an attribute, so it can change between requests."""
+        continuation ahead of the cache (0: never); an attribute, so it can change between requests.
+        round_rule: mode "auto": (batch, sampled rows) -> whether the next round speculates or runs AR
+        (engine/auto.py); None always speculates."""
         super().__init__(target, stop_token_ids, max_batch_size)
+        self.round_rule = round_rule
+        if round_rule is not None:
+            self.mode = "auto"
+        self.cores: CoreSplit | None = None  # where the target runs in SSD rounds and in AR rounds
+        self._round_mode = "ssd"
         self.drafter, self.k = drafter, k
         if policy is None:  # an in-process drafter keeps the fan-out and fallback it was built with
             policy = SaguaroPolicy.fixed(drafter.drafter.fanout, drafter.drafter.fallback)
@@ -75,7 +103,6 @@ class SSDEngine(Engine):
         self.local_fallback = local_fallback
         self.lookup_min_match = lookup_min_match
         self.degraded: str | None = None  # why the engine left its worker, if it did
-        self.release_cores = None  # restores the cores and threads the target had before its worker
         self.sent: dict[int, int] = {}  # seq id -> tokens of its context the drafter has
         self.outcome: dict[int, tuple[int, int]] = {}  # seq id -> outcome of its last round
         self.totals = {"rounds": 0, "respond_s": 0.0, "verify_s": 0.0, "tree_s": 0.0, "fallback_s": 0.0}
@@ -128,6 +155,27 @@ class SSDEngine(Engine):
                 del table[sid]
 
     def decode_round(self) -> None:
+        if self.round_rule is not None:
+            seqs = self.running
+            choice = self.round_rule(len(seqs), sum(not s.params.greedy for s in seqs))
+            self._enter(choice.mode)
+            for s in seqs:
+                s.stats.auto_reason = choice.reason
+            if choice.mode == "ar":
+                decode_one_token(self.target, self.cache, seqs, self.stop_ids)
+                for s in seqs:  # no speculation was verified: the drafter's tree for these rows is stale
+                    s.stats.ar_rounds += 1
+                    self.outcome.pop(s.id, None)
+                return
+        self._speculative_round()
+
+    def _enter(self, mode: str) -> None:
+        """AR rounds give the target every core (the worker idles); SSD rounds leave the worker its own."""
+        if mode != self._round_mode and self.cores is not None:
+            self.cores.pin_target(alone=mode == "ar")
+        self._round_mode = mode
+
+    def _speculative_round(self) -> None:
         seqs, k = self.running, self.k
         t0 = time.perf_counter()
         outcomes = [self.outcome.get(s.id) for s in seqs]
@@ -196,6 +244,6 @@ class SSDEngine(Engine):
 
     def close(self) -> None:
         self.drafter.close()
-        if self.release_cores is not None:  # give the target back the cores the worker had
-            self.release_cores()
-            self.release_cores = None
+        if self.cores is not None:  # give the target back the cores the worker had
+            self.cores.pin_target(alone=True)
+            self.cores = None

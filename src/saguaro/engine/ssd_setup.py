@@ -9,11 +9,12 @@ import os
 import torch
 
 from saguaro.engine.speculative import load_draft
-from saguaro.engine.ssd import LocalDrafter, SSDEngine
+from saguaro.engine.auto import choose_round
+from saguaro.engine.ssd import CoreSplit, LocalDrafter, SSDEngine
 from saguaro.loader import resolve_checkpoint
 from saguaro.ssd.drafter import SSDDrafter
 from saguaro.ssd.online import SaguaroPolicy
-from saguaro.ssd.worker import RemoteDrafter, WorkerError, pin
+from saguaro.ssd.worker import RemoteDrafter, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,12 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
                     saguaro_c: float = 1.0, fallback: str = "auto", worker: bool = True,
                     draft_cores: list[int] | None = None, draft_threads: int | None = None,
                     worker_timeout: float = 60.0, fit: bool = True,
-                    lookup_min_match: int = LOOKUP_MIN_MATCH) -> SSDEngine:
+                    lookup_min_match: int = LOOKUP_MIN_MATCH, auto: bool = False) -> SSDEngine:
     """fit: refit a_p and r (and so the fan-out) from what the rounds show; False keeps the priors.
     fanout_budget 0: start at 3(K+1) branches and, when fitting, resize so the tree fits in a verification.
     draft_cores / draft_threads: where the CPU worker runs (default: the last core, 1 thread); the target
-    keeps the other cores. lookup_min_match: see SSDDrafter (0 turns prompt lookup first off)."""
+    keeps the other cores. lookup_min_match: see SSDDrafter (0 turns prompt lookup first off).
+    auto: choose SSD or AR round by round (engine/auto.py), AR rounds taking every core."""
     if draft_cores is not None and str(target.device) == "cpu":
         _check_draft_cores(draft_cores, available_cores())
     budget = fanout_budget or 3 * (k + 1)
@@ -75,7 +77,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
     drafter = None
     degraded = None
     device = str(target.device)
-    release_cores = None
+    cores_split = None
     if worker:
         cores = available_cores()
         draft_cores = draft_cores or (cores[-1:] if device == "cpu" and len(cores) > 1 else None)
@@ -89,9 +91,8 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
                                     head_ids=None if head is None else torch.tensor(head))
             if draft_cores and device == "cpu":  # keep the target off the draft's cores
                 rest = [c for c in cores if c not in draft_cores]
-                before = (_affinity(), torch.get_num_threads())
-                pin(rest, len(rest))
-                release_cores = lambda: pin(*before)  # noqa: E731
+                cores_split = CoreSplit(_affinity(), torch.get_num_threads(), rest, len(rest))
+                cores_split.pin_target(alone=False)
         except WorkerError as e:
             log.warning("%s; running SSD's fallback (SD with a local draft) instead", e)
             degraded = str(e)
@@ -99,7 +100,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
         drafter = LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, shape, c=saguaro_c,
                                           fallback=fallback)) if not worker else local()
     engine = SSDEngine(target, drafter, k, stop, max_batch_size, local_fallback=local if worker else None,
-                       policy=policy, lookup_min_match=lookup_min_match)
+                       policy=policy, lookup_min_match=lookup_min_match, round_rule=choose_round if auto else None)
     engine.degraded = degraded
-    engine.release_cores = release_cores
+    engine.cores = cores_split
     return engine

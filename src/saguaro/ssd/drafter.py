@@ -112,11 +112,14 @@ class SSDDrafter:
         out: list[Speculation | None] = []
         miss_rows = []
         for i, (row, outcome, new) in enumerate(zip(self.rows, outcomes, new_tokens)):
+            known = len(row.tokens)
             row.tokens += new
             spec = row.branches.get(outcome) if outcome is not None else None
             row.branches = {}
             if outcome is not None:  # keep the main row's KV for x + s_1..s_k only
                 self.jit.cache.lengths[i] = len(row.tokens) - 1
+            elif int(self.jit.cache.lengths[i]) > known:  # no outcome for the last tree (the engine ran
+                self.jit.cache.lengths[i] = known  # other rounds meanwhile): keep the KV of x only
             lookup = self._lookup(row, cached=spec is not None)
             if lookup is not None:
                 spec = lookup

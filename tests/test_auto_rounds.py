@@ -1,0 +1,104 @@
+"""mode "auto": the SSD engine runs AR rounds where speculation does not pay, and output stays exact
+across every switch (greedy token-identical to AR; sampled rows follow the target's distribution)."""
+
+import itertools
+
+import pytest
+
+from saguaro.engine.auto import RoundChoice, choose_round
+from saguaro.engine.base import AREngine
+from saguaro.engine.sequence import Sequence
+from saguaro.engine.ssd import LocalDrafter, SSDEngine
+from saguaro.sampling import SamplingParams
+from saguaro.ssd.drafter import SSDDrafter
+from saguaro.ssd.fanout import geometric_fanout
+from tests.test_sd_exactness import N_SAMPLES, SMALL_VOCAB, STOP, VOCAB, chi2_pvalue, exact_joint, prompts, run
+from tests.test_ssd_exactness import stat_setup
+from tests.tiny import perturbed, tiny_model
+
+
+def test_choose_round_runs_ssd_only_for_one_greedy_row():
+    assert choose_round(1, 0).mode == "ssd"
+    assert choose_round(2, 0).mode == "ar"
+    assert choose_round(1, 1).mode == "ar"
+    assert choose_round(8, 3).mode == "ar"
+    assert all(choose_round(b, s).reason for b, s in [(1, 0), (4, 0), (1, 1)])
+
+
+class Alternating:
+    """A rule that switches every `period` rounds, starting with `first`."""
+
+    def __init__(self, first: str, period: int = 1):
+        self.first, self.period, self.calls = first, period, 0
+
+    def __call__(self, batch: int, sampled: int) -> RoundChoice:
+        other = "ar" if self.first == "ssd" else "ssd"
+        mode = self.first if (self.calls // self.period) % 2 == 0 else other
+        self.calls += 1
+        return RoundChoice(mode, f"test: {mode}")
+
+
+def auto_engine(target, draft, k, rule, vocab=VOCAB, max_batch=64):
+    drafter = SSDDrafter(draft, vocab, k, geometric_fanout(3 * (k + 1), k, 0.7, 0.6))
+    return SSDEngine(target, LocalDrafter(drafter), k, STOP if vocab == VOCAB else set(), max_batch_size=max_batch,
+                     round_rule=rule)
+
+
+@pytest.mark.parametrize("rule", ["choose_round", "ssd-first", "ar-first", "ar-stretch"])
+def test_greedy_auto_equals_ar_across_switches(rule):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    ran = {"ar": 0, "ssd": 0}
+    for seed, k, batch in itertools.product(range(2), (2, 4), (1, 3)):
+        target = tiny_model(seed, VOCAB)
+        draft = perturbed(target, seed, 0.05)
+        make = {"choose_round": lambda: choose_round, "ssd-first": lambda: Alternating("ssd"),
+                "ar-first": lambda: Alternating("ar"), "ar-stretch": lambda: Alternating("ar", period=3)}[rule]
+        ps = prompts(seed * 10 + k, batch)
+        want, _ = run(AREngine(target, STOP), ps, params)
+        engine = auto_engine(target, draft, k, make())
+        got, seqs = run(engine, ps, params)
+        assert got == want, (seed, k, batch)
+        assert engine.mode == "auto"
+        ran["ar"] += sum(s.stats.ar_rounds for s in seqs)
+        ran["ssd"] += sum(s.stats.rounds for s in seqs)
+        assert all(s.metrics()["auto_reason"] for s in seqs)
+    assert ran["ar"] > 0 and ran["ssd"] > 0
+
+
+class RecordingDrafter(SSDDrafter):
+    """Keeps each just-in-time draft with the context it was drafted from."""
+
+    jit_drafts: list
+
+    def _draft_rows(self, rows):
+        specs = super()._draft_rows(rows)
+        self.jit_drafts = getattr(self, "jit_drafts", []) + [(list(self.rows[i].tokens), s.tokens)
+                                                              for i, s in zip(rows, specs)]
+        return specs
+
+
+def test_drafter_catches_up_after_an_ar_stretch():
+    """The first draft after AR rounds continues the real context (no stale tree tokens in the
+    draft's cache): it equals the draft's own greedy continuation of that context."""
+    target = tiny_model(0, VOCAB)
+    draft = perturbed(target, 0, 0.05)
+    k = 3
+    drafter = RecordingDrafter(draft, VOCAB, k, geometric_fanout(3 * (k + 1), k, 0.7, 0.6))
+    engine = SSDEngine(target, LocalDrafter(drafter), k, STOP, round_rule=Alternating("ar", period=4))
+    seqs = [Sequence(p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)) for p in prompts(5, 1)]
+    engine.run(seqs)
+    assert seqs[0].stats.ar_rounds >= 8 and len(drafter.jit_drafts) >= 3
+    greedy = SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)
+    for context, tokens in drafter.jit_drafts:
+        want, _ = run(AREngine(draft, set()), [context], greedy)
+        assert tokens == want[0]
+
+
+@pytest.mark.parametrize("first", ["ssd", "ar"])
+def test_sampled_auto_follows_target_distribution_across_switches(first):
+    target, draft, prompt = stat_setup()
+    seqs = [Sequence(list(prompt), SamplingParams(temperature=1.0, max_tokens=3, seed=i)) for i in range(N_SAMPLES)]
+    auto_engine(target, draft, 1, Alternating(first), vocab=SMALL_VOCAB, max_batch=N_SAMPLES).run(seqs)
+    samples = [tuple(s.output_ids) for s in seqs]
+    assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) > 0.01
+    assert sum(s.stats.ar_rounds for s in seqs) > 0 and sum(s.stats.rounds for s in seqs) > 0

@@ -124,7 +124,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from saguaro.distill.run import DistillOptions, run_distill
+    from saguaro.distill.run import DistillOptions, parse_corpus, run_distill
     from saguaro.embedded import embedded_target_path
 
     import torch
@@ -137,6 +137,8 @@ def cmd_distill(args) -> None:
         head_vocab=args.head_vocab, phase=args.phase,
         work_dir=Path(args.work_dir) if args.work_dir else None, lr=args.lr,
         init_from=Path(args.init_from) if args.init_from else None, bf16=args.bf16, max_epochs=args.max_epochs,
+        teacher=args.teacher, corpus=parse_corpus(args.corpus), top_k=args.top_k, window=args.window,
+        onpolicy_dir=Path(args.onpolicy_dir) if args.onpolicy_dir else None, shard_prompts=args.shard_rows,
     )
     report = run_distill(opts)
     if report:
@@ -151,8 +153,7 @@ def cmd_bench(args) -> None:
         cmd_analyses(args, llm_args)
         return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in modes:
-        bench.parse_mode(m)
+    bench.check_modes(modes)
     with make_llm(llm_args) as llm:
         report = bench.bench(llm, modes, args.datasets.split(","), args.num_prompts, args.max_tokens,
                              args.temperature, args.k, args.draft, args.seed, args.batch_size, **ssd_options(args))
@@ -208,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compare decoding modes on the same prompts in one run")
     add_model_args(b)
     b.add_argument("--modes", default="ar,sd",
-                   help="comma-separated: ar, sd, sd-ngram, ssd, hf, hf-assisted (default: ar,sd)")
+                   help="comma-separated: ar, sd, sd-ngram, ssd, hf, hf-assisted, llamacpp, llamacpp-f32 "
+                        "(default: ar,sd)")
     b.add_argument("--datasets", default="humaneval,sharegpt")
     b.add_argument("--num-prompts", type=_positive_int, default=4)
     b.add_argument("--max-tokens", type=_positive_int, default=64)
@@ -236,7 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--layers", help="target layers to initialise the draft from, e.g. 0,1")
     d.add_argument("--head-vocab", type=_positive_int, default=8192, help="draft output vocabulary size")
-    d.add_argument("--phase", choices=["all", "teacher", "train", "eval"], default="all")
+    d.add_argument("--phase", choices=["all", "teacher", "teacher-force", "train", "eval"], default="all",
+                   help="teacher: generate on-policy data; teacher-force: the target scores --corpus text; "
+                        "train; eval; all: generate and train in one process (default)")
+    d.add_argument("--teacher", choices=["generate", "forced"], default="generate",
+                   help="training data: the generated shards (default) or the teacher-forced ones, with the tail loss")
+    d.add_argument("--corpus", default="sharegpt,python,onpolicy",
+                   help="teacher-forced corpora and their weights in training batches, e.g. sharegpt:2,python,"
+                        "onpolicy:0.5 (default: all three, equal)")
+    d.add_argument("--top-k", type=_positive_int, default=32,
+                   help="log-probabilities kept per position by teacher forcing (default: 32)")
+    d.add_argument("--window", type=_positive_int, default=512,
+                   help="tokens per teacher-forced sequence (default: 512)")
+    d.add_argument("--shard-rows", type=_positive_int, default=64,
+                   help="prompts (teacher) or sequences (teacher-force) per shard; keep it fixed within a work dir "
+                        "(default: 64)")
+    d.add_argument("--onpolicy-dir",
+                   help="generated shards the onpolicy corpus re-scores (default: the work dir's teacher/)")
     d.add_argument("--work-dir", help="teacher data and training state (default: under ~/.cache/saguaro)")
     d.add_argument("--lr", type=float, default=5e-4)
     d.add_argument("--init-from", help="start from this draft checkpoint's weights (when no training state exists)")

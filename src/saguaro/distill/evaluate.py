@@ -1,4 +1,5 @@
-"""How well a draft predicts its target: greedy agreement a_p and mean accepted length at K.
+"""How well a draft predicts its target: greedy agreement a_p, mean accepted length at K, and the
+expected acceptance of one drafted token at temperature 1 (1 - TV(p, q)).
 
 Both come from teacher forcing on the target's own greedy continuations of held-out prompts:
 when the draft agrees with the target it has, by construction, the same context as in real
@@ -40,6 +41,50 @@ def accepted_lengths(matches: list[bool], k: int) -> list[int]:
         rounds.append(a)
         i += a + 1
     return rounds
+
+
+def expected_acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Probability that speculative sampling accepts a token drafted from q against target p: 1 - TV(p, q).
+
+    p, q: [..., V] distributions over the same vocabulary; sum_x min(p(x), q(x)) = 1 - TV(p, q).
+    """
+    return torch.minimum(p, q).sum(-1)
+
+
+def labelled_rows(shard: dict[str, torch.Tensor]):
+    """(tokens [1, end], first, end) of each row with generated tokens; positions first..end-2 are scored."""
+    for r in range(shard["tokens"].shape[0]):
+        end, first = int(shard["ends"][r]), int(shard["prompt_lengths"][r]) - 1
+        if end - 1 > first:
+            yield shard["tokens"][r : r + 1, :end].long(), first, end
+
+
+@torch.no_grad()
+def target_probs(target: CausalLM, shard: dict[str, torch.Tensor], head_ids: torch.Tensor | None) -> list[torch.Tensor]:
+    """Per labelled row, the target's T=1 distribution at its scored positions, on the draft's head only.
+
+    Only the head matters: q (the draft's distribution expanded to the target's vocabulary) is zero off
+    it, and min(p, 0) = 0. Computed once per run and reused by every evaluation (the target's forward
+    over the held-out rows is the costly part).
+    """
+    out = []
+    for tokens, first, end in labelled_rows(shard):
+        p = torch.softmax(target.forward_train(tokens)[0, first : end - 1].float(), -1)
+        out.append(p if head_ids is None else p[:, head_ids])
+    return out
+
+
+@torch.no_grad()
+def acceptance_t1(draft: CausalLM, shard: dict[str, torch.Tensor], p_rows: list[torch.Tensor]) -> dict[str, float]:
+    """Mean expected acceptance of one drafted token at temperature 1 (1 - TV(p, q)) over the shard's
+    generated positions; p_rows from `target_probs` with this draft's head. The contexts are the target's
+    greedy continuations, the same positions as the greedy agreement."""
+    total, count = 0.0, 0
+    for (tokens, first, end), p in zip(labelled_rows(shard), p_rows, strict=True):
+        q = torch.softmax(draft.forward_train(tokens)[0, first : end - 1].float(), -1)
+        total += float(expected_acceptance(p, q).sum())
+        count += end - 1 - first
+    return {"accept_t1": total / max(1, count), "positions": count}
 
 
 def agreement_report(draft: CausalLM, shard: dict[str, torch.Tensor], k: int = 4) -> dict[str, float]:

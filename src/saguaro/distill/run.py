@@ -1,8 +1,11 @@
 """`saguaro distill`: teacher data, training and evaluation of a draft, resumable at every stage.
 
-Phases (`--phase`): `teacher` writes target continuations as shards, `train` trains on whatever
-shards exist (waiting for more), `eval` reports agreement of the draft in --out, `all` alternates
-teacher and training in one process. Running `teacher` and `train` as two processes uses two cores.
+Phases (`--phase`): `teacher` writes target continuations as shards, `teacher-force` has the target
+score existing text (`--corpus`: ShareGPT train turns, Python source, the `teacher` phase's shards),
+`train` trains on whatever shards exist (waiting for more; `--teacher forced` for the teacher-forced
+ones), `eval` reports agreement (T=0) and expected acceptance (T=1) of the draft in --out, `all`
+alternates teacher and training in one process. Running a teacher and `train` as two processes uses
+two cores.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 from tqdm import tqdm
 
 from saguaro.distill import draft as draft_lib
-from saguaro.distill.evaluate import agreement_report, decode_step_ms
+from saguaro.distill.corpora import grouped, python_items, sharegpt_items
+from saguaro.distill.evaluate import acceptance_t1, agreement_report, decode_step_ms, target_probs
+from saguaro.distill.forced import TOP_K, corpus_stats, onpolicy_items, pin_stream_settings, run_teacher_force
 from saguaro.distill.teacher import generate_shard, read_shard, shard_paths, train_prompts, write_shard
 from saguaro.distill.train import Trainer
 from saguaro.loader import cache_root, load_model, resolve_checkpoint
@@ -48,6 +53,36 @@ class DistillOptions:
     init_from: Path | None = None
     bf16: bool = False  # bfloat16 autocast for the training forward and backward
     max_epochs: float | None = None  # per run: wait for teacher data beyond this many passes over it
+    teacher: str = "generate"  # training data: "generate" (on-policy shards) or "forced" (teacher forcing)
+    corpus: dict[str, float] | None = None  # teacher-forced corpora and their weights in the training mix
+    top_k: int = TOP_K  # teacher forcing keeps this many log-probabilities per position
+    window: int = 512  # tokens per teacher-forced sequence
+    onpolicy_dir: Path | None = None  # generated shards to re-score (default: the work dir's teacher/)
+
+    def corpora(self) -> dict[str, float]:
+        return self.corpus or dict(DEFAULT_CORPUS)
+
+
+CORPORA = ("sharegpt", "python", "onpolicy")
+DEFAULT_CORPUS = {"sharegpt": 1.0, "python": 1.0, "onpolicy": 1.0}
+
+
+def parse_corpus(text: str) -> dict[str, float]:
+    """"sharegpt,python:0.5,onpolicy:2" -> {name: weight}; a weight defaults to 1."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, weight = item.partition(":")
+        if name not in CORPORA:
+            raise ValueError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
+        try:
+            out[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"corpus weight must be a number, got {item!r}") from None
+        if out[name] < 0:
+            raise ValueError(f"corpus weight must be >= 0, got {item!r}")
+    if not out:
+        raise ValueError("--corpus names no corpus")
+    return out
 
 
 def _work_dir(opts: DistillOptions) -> Path:
@@ -71,6 +106,27 @@ def run_teacher(opts, target, tokenizer, data_dir: Path, max_shards: int | None 
         log.info("shard %d: %d new tokens at T=%.1f in %.0fs", index, new, temperature, time.monotonic() - t0)
 
 
+def forced_sources(opts: DistillOptions, tokenizer, data_dir: Path) -> dict:
+    """Per corpus, a function from a cursor to that corpus's groups of texts (see run_teacher_force).
+    On-policy shards are re-scored one for one."""
+    rows, seed, window = opts.shard_prompts, opts.seed, opts.window
+    makers = {
+        "sharegpt": lambda cursor: grouped(sharegpt_items(tokenizer, seed, cursor, window), rows),
+        "python": lambda cursor: grouped(python_items(tokenizer, seed, cursor, window), rows),
+        "onpolicy": lambda cursor: grouped(onpolicy_items(opts.onpolicy_dir or data_dir, cursor), 1),
+    }
+    unknown = set(opts.corpora()) - set(makers)
+    if unknown:
+        raise ValueError(f"unknown corpus {sorted(unknown)}; choose from {list(CORPORA)}")
+    return {name: makers[name] for name in opts.corpora()}
+
+
+def train_sources(opts: DistillOptions, work: Path) -> dict[Path, float]:
+    if opts.teacher == "forced":
+        return {work / "forced" / name: w for name, w in opts.corpora().items() if w > 0}
+    return {work / "teacher": 1.0}
+
+
 def eval_shards(opts, target, tokenizer, data_dir: Path) -> dict[str, dict]:
     """Greedy target continuations of held-out prompts, generated once and cached."""
     out = {}
@@ -88,9 +144,21 @@ def eval_shards(opts, target, tokenizer, data_dir: Path) -> dict[str, dict]:
     return out
 
 
-def evaluate(draft, shards: dict[str, dict]) -> dict[str, dict]:
+def t1_references(target, draft, shards: dict[str, dict]) -> dict[str, list]:
+    """The target's distributions the T=1 acceptance compares the draft with, once per run."""
+    t0 = time.monotonic()
+    refs = {name: target_probs(target, shard, draft.output_token_ids) for name, shard in shards.items()}
+    log.info("target distributions for the T=1 evaluation in %.0fs", time.monotonic() - t0)
+    return refs
+
+
+def evaluate(draft, shards: dict[str, dict], refs: dict[str, list] | None = None) -> dict[str, dict]:
+    """Greedy agreement per held-out set; with `t1_references`, also the expected acceptance at T=1."""
     draft.eval()
-    return {name: agreement_report(draft, shard) for name, shard in shards.items()}
+    out = {name: agreement_report(draft, shard) for name, shard in shards.items()}
+    for name, p_rows in (refs or {}).items():
+        out[name]["accept_t1"] = acceptance_t1(draft, shards[name], p_rows)["accept_t1"]
+    return out
 
 
 def make_draft(opts, target, tokenizer, state_dir: Path):
@@ -115,7 +183,10 @@ def _record(tr: Trainer, opts: DistillOptions) -> dict:
     """What goes into the draft's config so the run can be repeated."""
     rec = {"step": tr.step, "tokens_seen": tr.tokens_seen, "seed": opts.seed, "lr": opts.lr,
            "teacher_tokens": tr.teacher_tokens(), "teacher_shards": len(tr._shard_files),
-           "train_wall_s": round(tr.wall_s), "bf16_autocast": opts.bf16}
+           "train_wall_s": round(tr.wall_s), "bf16_autocast": opts.bf16, "teacher": opts.teacher}
+    if opts.teacher == "forced":
+        rec["corpus"] = opts.corpora()
+        rec["teacher_force"] = {d.name: corpus_stats(d) for d in tr.sources}
     if opts.init_from is not None:
         rec["init_from"] = json.loads((Path(opts.init_from) / "config.json").read_text()).get("saguaro_distill")
     return rec
@@ -126,21 +197,29 @@ def run_distill(opts: DistillOptions) -> dict:
     data_dir, state_dir = work / "teacher", work / "state"
     target = load_model(opts.target)
     tokenizer = Tokenizer.load(resolve_checkpoint(opts.target), target.config.eos_token_ids)
+    if opts.phase == "all" and opts.teacher == "forced":
+        raise ValueError("--phase all generates its teacher data; run --phase teacher-force and --phase train")
     if opts.phase == "teacher":
         run_teacher(opts, target, tokenizer, data_dir)
         return {}
+    if opts.phase == "teacher-force":
+        t0 = time.monotonic()
+        pin_stream_settings(work / "forced", {"seed": opts.seed, "window": opts.window})
+        stats = run_teacher_force(target, forced_sources(opts, tokenizer, data_dir), work / "forced", opts.top_k)
+        log.info("teacher forcing done in %.0fs: %s", time.monotonic() - t0, stats)
+        return {"teacher_force": stats}
     evals = eval_shards(opts, target, tokenizer, data_dir)
     if opts.phase == "eval":
         draft = load_model(opts.out, embeddings_from=target)
-        report = evaluate(draft, evals)
+        report = evaluate(draft, evals, t1_references(target, draft, evals))
         cost = decode_step_ms({"target": target, "draft": draft})  # at the caller's --threads
         report["forward_ms"] = {**cost, "threads": torch.get_num_threads(), "draft_over_target":
                                 cost["draft"] / cost["target"]}
         log.info("eval: %s", report)
         return report
     draft = make_draft(opts, target, tokenizer, state_dir)
-    trainer = Trainer(draft, data_dir, state_dir, opts.seed, lr=opts.lr, batch_size=opts.batch_size,
-                      bf16=opts.bf16)
+    trainer = Trainer(draft, train_sources(opts, work), state_dir, opts.seed, lr=opts.lr,
+                      batch_size=opts.batch_size, bf16=opts.bf16)
     if trainer.load_state():
         log.info("resumed at step %d (%d tokens)", trainer.step, trainer.tokens_seen)
     elif opts.init_from is not None:
@@ -148,6 +227,7 @@ def run_distill(opts: DistillOptions) -> dict:
         trainer.step, trainer.tokens_seen = meta.get("step", 0), meta.get("tokens_seen", 0)
         trainer.warmup_from = trainer.step
         log.info("starting from %s at step %d (%d tokens)", opts.init_from, trainer.step, trainer.tokens_seen)
+    refs = t1_references(target, draft, evals)
     bar = tqdm(total=opts.tokens, initial=trainer.tokens_seen, unit="tok", desc="distill")
     report: dict = {}
 
@@ -156,7 +236,7 @@ def run_distill(opts: DistillOptions) -> dict:
         bar.update(tr.tokens_seen - bar.n)
         bar.set_postfix(loss=f"{loss:.3f}", step=tr.step)
         if tr.step % opts.eval_every == 0:
-            report = evaluate(tr.draft, evals)
+            report = evaluate(tr.draft, evals, refs)
             log.info("step %d tokens %d loss %.3f eval %s", tr.step, tr.tokens_seen, loss, report)
             draft_lib.save_draft(tr.draft, opts.out, {"saguaro_distill": {
                 **_record(tr, opts), "eval": report}})
@@ -166,7 +246,7 @@ def run_distill(opts: DistillOptions) -> dict:
     if opts.phase == "all" and not shard_paths(data_dir):
         run_teacher(opts, target, tokenizer, data_dir, max_shards=1)
     trainer.run(opts.tokens, on_step=on_step, max_epochs=opts.max_epochs)
-    report = evaluate(trainer.draft, evals)
+    report = evaluate(trainer.draft, evals, refs)
     draft_lib.save_draft(trainer.draft, opts.out, {"saguaro_distill": {
         **_record(trainer, opts), "eval": report}})
     return report

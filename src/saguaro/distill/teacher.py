@@ -86,11 +86,13 @@ def shard_paths(data_dir: Path) -> list[Path]:
     return sorted(data_dir.glob("shard-*.safetensors"))
 
 
-def write_shard(data_dir: Path, index: int, shard: dict[str, torch.Tensor]) -> Path:
+def write_shard(data_dir: Path, index: int, shard: dict[str, torch.Tensor],
+                metadata: dict[str, str] | None = None) -> Path:
+    """Written under a temporary name and renamed, so a shard file on disk is always complete."""
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / f"shard-{index:05d}.safetensors"
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp), metadata=metadata)
     tmp.rename(path)
     return path
 

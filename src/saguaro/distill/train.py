@@ -1,5 +1,10 @@
 """Distillation: train the draft to match the target's top-k next-token distribution.
 
+Two kinds of teacher data: the generating teacher's shards (top-k logits only; `distill_loss`, the
+soft cross-entropy renormalised on the draft's head) and teacher-forced shards (`forced.py`: top-k
+log-probabilities plus the mass outside them; `tail_loss`, which also matches that tail). A run
+trains on one kind; teacher-forced corpora are mixed by per-corpus weights.
+
 Resumable: the training state (fp32 weights, optimizer moments, step) is saved under the state
 directory every few minutes; a restart continues from it. Batches are drawn by a generator seeded
 with (seed, step), so a resumed run sees the same batches as an uninterrupted one.
@@ -16,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from saguaro.distill.forced import is_forced_file, read_index, read_labels
 from saguaro.distill.teacher import read_shard, shard_paths
 from saguaro.models.transformer import CausalLM
 
@@ -41,6 +47,47 @@ def distill_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torc
     return (per_pos * weight).sum() / weight.sum().clamp_min(1)
 
 
+def teacher_buckets(topk_ids: torch.Tensor, topk_probs: torch.Tensor, outside: torch.Tensor,
+                    index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's distribution over the draft's buckets: its top-k tokens in the draft head, and "the rest".
+
+    Returns draft rows of the top-k (-1: not in the head, or padding id -1), their probabilities (0 where
+    not in the head) and the rest's probability: the mass outside the top-k plus top-k tokens the draft
+    cannot emit. Normalised to sum to 1 (float16 storage leaves it off by ~1e-3).
+    """
+    ids = topk_ids.long()
+    draft_ids = torch.where(ids >= 0, index[ids.clamp_min(0)], -1)
+    in_head = draft_ids >= 0
+    p_in = torch.where(in_head, topk_probs, 0.0)
+    p_rest = outside + torch.where(in_head, 0.0, topk_probs).sum(-1)
+    total = (p_in.sum(-1) + p_rest).clamp_min(1e-9)
+    return draft_ids, p_in / total[..., None], p_rest / total
+
+
+def tail_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor, outside: torch.Tensor,
+              weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || draft) over the buckets of `teacher_buckets`, averaged over labelled positions.
+
+    The draft's "rest" is its mass on head tokens outside the teacher's top-k (it has none off its head),
+    so the draft is taught to leave the teacher's tail mass there instead of piling it onto the top-k.
+    Zero exactly when the draft matches the teacher bucket for bucket.
+    """
+    draft_ids, p_in, p_rest = teacher_buckets(topk_ids, topk_probs, outside, index)
+    logq = F.log_softmax(logits.float(), -1)
+    head = logq.shape[-1]
+    slot = torch.where(draft_ids >= 0, draft_ids, head)  # column `head` is a dummy for non-head ids
+    taken = torch.zeros(*logq.shape[:-1], head + 1, dtype=torch.bool, device=logq.device)
+    taken = taken.scatter(-1, slot, True)[..., :head]
+    has_rest = ~taken.all(-1)  # a head no wider than k can have no "rest"
+    p_rest = torch.where(has_rest, p_rest, 0.0)
+    logq_rest = torch.logsumexp(logq.masked_fill(taken, -1e4), -1)  # finite: no NaN gradients
+    logq_in = logq.gather(-1, draft_ids.clamp_min(0))
+    per_pos = (torch.special.xlogy(p_in, p_in) - p_in * logq_in).sum(-1)
+    per_pos = per_pos + torch.special.xlogy(p_rest, p_rest) - p_rest * logq_rest
+    per_pos = torch.where(weight > 0, per_pos, 0.0)
+    return (per_pos * weight).sum() / weight.sum().clamp_min(1)
+
+
 def make_batch(shards: list[dict[str, torch.Tensor]], rows: list[tuple[int, int]], max_len: int):
     """Right-padded tokens plus per-position teacher targets and loss weights for some shard rows."""
     width = min(max_len, max(int(shards[s]["ends"][r]) for s, r in rows))
@@ -61,11 +108,42 @@ def make_batch(shards: list[dict[str, torch.Tensor]], rows: list[tuple[int, int]
     return tokens, ids, logits, weight
 
 
+def make_forced_batch(shards: list[dict[str, torch.Tensor]], files: list[Path], rows: list[tuple[int, int]],
+                      max_len: int):
+    """Like `make_batch` for teacher-forced shards: tokens, top-k ids (-1: padding), top-k probabilities,
+    outside mass and loss weights. Label rows are read from the shard files."""
+    width = min(max_len, max(int(shards[s]["ends"][r]) for s, r in rows))
+    k = max(int(shards[s]["k"]) for s, _ in rows)
+    n = len(rows)
+    tokens = torch.zeros(n, width, dtype=torch.long)
+    ids = torch.full((n, width, k), -1, dtype=torch.int32)
+    probs = torch.zeros(n, width, k)
+    outside = torch.zeros(n, width)
+    weight = torch.zeros(n, width)
+    for i, (s, r) in enumerate(rows):
+        sh = shards[s]
+        end = min(int(sh["ends"][r]), width)
+        tokens[i, :end] = sh["tokens"][r, :end].long()
+        first = int(sh["prompt_lengths"][r]) - 1
+        count = max(0, end - 1 - first)
+        if count == 0:
+            continue
+        start = int(sh["label_offsets"][r])
+        top_ids, top_lp, out = read_labels(files[s], start, start + count)
+        ids[i, first : first + count, : top_ids.shape[-1]] = top_ids
+        probs[i, first : first + count, : top_ids.shape[-1]] = top_lp.float().exp()
+        outside[i, first : first + count] = out
+        weight[i, first : first + count] = 1.0
+    return tokens, ids, probs, outside, weight
+
+
 class Trainer:
-    def __init__(self, draft: CausalLM, data_dir: Path, state_dir: Path, seed: int, lr: float = 5e-4,
-                 batch_size: int = 8, max_len: int = 640, warmup: int = 100, bf16: bool = False):
-        """bf16: run forward and backward under bfloat16 autocast; weights, gradients and Adam stay float32."""
-        self.draft, self.data_dir, self.state_dir = draft, data_dir, state_dir
+    def __init__(self, draft: CausalLM, data_dir: Path | dict[Path, float], state_dir: Path, seed: int,
+                 lr: float = 5e-4, batch_size: int = 8, max_len: int = 640, warmup: int = 100, bf16: bool = False):
+        """data_dir: one shard directory, or several with the weight of each in the batches (their mix).
+        bf16: run forward and backward under bfloat16 autocast; weights, gradients and Adam stay float32."""
+        self.sources = dict(data_dir) if isinstance(data_dir, dict) else {data_dir: 1.0}
+        self.draft, self.state_dir = draft, state_dir
         self.seed, self.lr, self.batch_size, self.max_len, self.warmup = seed, lr, batch_size, max_len, warmup
         self.bf16 = bf16
         self.params = [p for n, p in draft.named_parameters() if not n.startswith("embed.")]
@@ -77,6 +155,8 @@ class Trainer:
         self.wall_s = 0.0  # training wall time, summed over resumed runs
         self._shards: list[dict[str, torch.Tensor]] = []
         self._shard_files: list[Path] = []
+        self._shard_source: list[int] = []  # which of self.sources each shard came from
+        self.forced: bool | None = None  # the kind of the data, known once a shard is read
 
     # ------------------------------------------------------------------ state
     def save_state(self) -> None:
@@ -122,31 +202,65 @@ class Trainer:
 
     def refresh_shards(self) -> int:
         """Pick up shards the teacher wrote since last time; return how many rows there are."""
-        for path in shard_paths(self.data_dir):
-            if path not in self._shard_files:
-                self._shard_files.append(path)
-                self._shards.append(read_shard(path))
+        known = set(self._shard_files)
+        for source, data_dir in enumerate(self.sources):
+            for path in shard_paths(data_dir):
+                if path not in known:
+                    self._add_shard(path, source)
         return sum(s["tokens"].shape[0] for s in self._shards)
 
+    def _add_shard(self, path: Path, source: int) -> None:
+        forced = is_forced_file(path)
+        if self.forced is not None and forced != self.forced:
+            raise ValueError(f"{path}: teacher-forced and generated shards cannot be mixed in one run")
+        self.forced = forced
+        self._shard_files.append(path)
+        self._shard_source.append(source)
+        self._shards.append(read_index(path) if forced else read_shard(path))
+
     def next_rows(self) -> list[tuple[int, int]]:
+        """Batch `step`'s rows: uniform over all rows of one source; with several, a source by weight first."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
-        pool = [(s, r) for s, sh in enumerate(self._shards) for r in range(sh["tokens"].shape[0])]
-        picks = torch.randint(len(pool), (self.batch_size,), generator=g).tolist()
-        return [pool[i] for i in picks]
+        pools: dict[int, list[tuple[int, int]]] = {}
+        for s, sh in enumerate(self._shards):
+            pools.setdefault(self._shard_source[s], []).extend((s, r) for r in range(sh["tokens"].shape[0]))
+        pools = {src: rows for src, rows in sorted(pools.items()) if rows}
+        if len(pools) == 1:
+            pool = next(iter(pools.values()))
+            return [pool[i] for i in torch.randint(len(pool), (self.batch_size,), generator=g).tolist()]
+        weights = list(self.sources.values())
+        chosen = list(pools)
+        w = torch.tensor([weights[src] for src in chosen], dtype=torch.float64)
+        picks = torch.multinomial(w, self.batch_size, replacement=True, generator=g).tolist()
+        rows = []
+        for i in picks:
+            pool = pools[chosen[i]]
+            rows.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
+        return rows
 
     def data_exhausted(self, start_tokens: int, max_epochs: float | None) -> bool:
         return max_epochs is not None and self.tokens_seen - start_tokens >= max_epochs * self.teacher_tokens()
 
     # ------------------------------------------------------------------ loop
+    def next_batch(self):
+        """This step's tokens, loss weights, and the loss of the draft's logits on them (by the data's kind)."""
+        rows = self.next_rows()
+        if self.forced:
+            tokens, ids, probs, outside, weight = make_forced_batch(self._shards, self._shard_files, rows,
+                                                                    self.max_len)
+            return tokens, weight, lambda out: tail_loss(out, ids, probs, outside, weight, self.index)
+        tokens, ids, logits, weight = make_batch(self._shards, rows, self.max_len)
+        return tokens, weight, lambda out: distill_loss(out, ids, logits, weight, self.index)
+
     def train_step(self) -> float:
-        tokens, ids, logits, weight = make_batch(self._shards, self.next_rows(), self.max_len)
+        tokens, weight, loss_of = self.next_batch()
         lr = self.lr * min(1.0, (self.step + 1 - self.warmup_from) / self.warmup)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.draft.train()
         with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.draft.forward_train(tokens)
-        loss = distill_loss(out.float(), ids, logits, weight, self.index)
+        loss = loss_of(out.float())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)

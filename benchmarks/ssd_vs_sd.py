@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--datasets", default="humaneval,sharegpt")
     ap.add_argument("--fanout-budget", type=int, default=0)
+    ap.add_argument("--modes", help="a subset of ar,sd-1core,sd-2core,ssd,ssd-no-lookup,auto (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -78,13 +79,17 @@ def main() -> None:
     if ssd.degraded:
         raise SystemExit(f"draft worker did not start: {ssd.degraded}")
     sd = llm.make_engine("sd", None, args.k)
+    place(cores)  # the auto engine takes every core in its AR rounds: it must see them all when made
+    auto = llm.make_engine("ssd", None, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:], auto=True)
     modes = {  # runner, cores it runs on
         "ar": (EngineRunner(llm.engine), cores),
         "sd-1core": (EngineRunner(sd), cores[:1]),
         "sd-2core": (EngineRunner(sd), cores),
         "ssd": (EngineRunner(ssd), cores[:-1]),
         "ssd-no-lookup": (NoLookup(ssd), cores[:-1]),  # the same engine and worker, lookup off
+        "auto": (EngineRunner(auto), cores),  # the default: SSD or AR round by round (engine/auto.py)
     }
+    modes = {m: modes[m] for m in args.modes.split(",")} if args.modes else modes
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
     datasets = args.datasets.split(",")
     prompts = {d: [llm.tokenizer.encode_chat([{"role": "user", "content": p}])
@@ -105,6 +110,7 @@ def main() -> None:
                     bar.update(1)
     place(cores)
     ssd.close()
+    auto.close()
     report = {"config": vars(args) | {"cores": cores, "fanout": ssd.policy.fanout,
                                       "fitted_acceptance_r": ssd.policy.fitted}, "results": {}}
     for d in datasets:
@@ -112,14 +118,16 @@ def main() -> None:
         for m in names:
             r = res[m]
             r["speedup_vs_ar"] = r["tokens_per_s"] / res["ar"]["tokens_per_s"]
-            r["speedup_vs_sd_1core"] = r["tokens_per_s"] / res["sd-1core"]["tokens_per_s"]
-            r["speedup_vs_sd_2core"] = r["tokens_per_s"] / res["sd-2core"]["tokens_per_s"]
+            for base in ("sd-1core", "sd-2core"):
+                if base in res:
+                    r[f"speedup_vs_{base.replace('-', '_')}"] = r["tokens_per_s"] / res[base]["tokens_per_s"]
             if args.temperature == 0:
                 r["identical_to_ar"] = all(a["seqs"][0]["output_ids"] == b["seqs"][0]["output_ids"]
                                            for a, b in zip(raw[d]["ar"], raw[d][m]))
-        sd1 = res["sd-1core"]
+        sd1 = res.get("sd-1core")
         for m in ("ssd", "ssd-no-lookup"):
-            res[m]["ceiling_vs_sd_1core"] = 1 + sd1["draft_ms_per_round"] / sd1["verify_ms_per_round"]
+            if sd1 is not None and m in res:
+                res[m]["ceiling_vs_sd_1core"] = 1 + sd1["draft_ms_per_round"] / sd1["verify_ms_per_round"]
         report["results"][d] = res
     print(json.dumps(report["results"], indent=1))
     if args.json:

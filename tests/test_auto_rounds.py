@@ -102,3 +102,27 @@ def test_sampled_auto_follows_target_distribution_across_switches(first):
     samples = [tuple(s.output_ids) for s in seqs]
     assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) > 0.01
     assert sum(s.stats.ar_rounds for s in seqs) > 0 and sum(s.stats.rounds for s in seqs) > 0
+
+
+def test_drafter_skips_ar_batches_and_resyncs_when_one_row_is_left():
+    """A batch runs AR without prefilling the drafter; when one greedy row is left, the drafter gets its
+    whole context afresh and SSD rounds resume, still token-identical to AR."""
+    target = tiny_model(1, VOCAB)
+    draft = perturbed(target, 1, 0.05)
+    k = 3
+    lengths = [6, 12, 30]
+    ps = prompts(7, 3)
+    seqs = [Sequence(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p, n in zip(ps, lengths)]
+    drafter = SSDDrafter(draft, VOCAB, k, geometric_fanout(3 * (k + 1), k, 0.7, 0.6))
+    engine = SSDEngine(target, LocalDrafter(drafter), k, STOP, round_rule=choose_round)
+    for s in seqs:
+        engine.add(s)
+    engine.step()  # prefill of the batch and its first (AR) round
+    assert drafter.rows == []
+    while engine.has_work():
+        engine.step()
+    for p, n, s in zip(ps, lengths, seqs):
+        want, _ = run(AREngine(target, STOP), [p], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        assert s.output_ids == want[0]
+    last = seqs[-1].stats
+    assert last.ar_rounds > 0 and last.rounds > 0 and last.cache_hits > 0

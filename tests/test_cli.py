@@ -56,6 +56,21 @@ def test_bad_input_is_one_line_error(capsys, args, message):
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("stops", [["("], ["return", " if"]])
+def test_generate_stop_ends_generation(capsys, embedded, stops):
+    """`--stop` (repeatable): generation ends at the first stop string, finish_reason "stop", the text
+    stops before it and the token ids end where the text ends."""
+    tokenizer = embedded[2]
+    flags = [arg for s in stops for arg in ("--stop", s)]
+    code, out, err = run_cli(capsys, "generate", "--json", "--mode", "ar", "--max-tokens", "24", *flags,
+                             "def fibonacci")
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["finish_reason"] == "stop"
+    assert not any(s in row["text"] for s in stops)
+    assert tokenizer.decode(row["token_ids"]) == row["text"] and len(row["token_ids"]) < 24
+
+
 def test_prompt_longer_than_context(capsys, embedded):
     long_prompt = "word " * 9000
     code, _, err = run_cli(capsys, "generate", long_prompt)

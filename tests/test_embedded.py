@@ -64,3 +64,13 @@ def test_stops_at_eos_and_max_tokens(embedded):
     s = Sequence(chat, SamplingParams(temperature=0, max_tokens=3))
     engine.run([s])
     assert s.finish_reason == "length" and len(s.output_ids) == 3
+
+
+def test_bfloat16_batched_equals_one_at_a_time(embedded):
+    """In bfloat16 the attention span sits on a block boundary and attention runs in float32, so a
+    row's numbers do not depend on the rows batched with it."""
+    path, _, tokenizer = embedded
+    from saguaro.loader import load_model
+
+    model = load_model(path, dtype=torch.bfloat16)
+    assert ar_generate(model, tokenizer, PROMPTS) == ar_generate(model, tokenizer, PROMPTS, batch=False)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from saguaro.loader import CheckpointError, load_model
+from saguaro.models.linear import Linear, native_bf16
 from tests.conftest import tiny_hf_model
 
 
@@ -98,3 +99,17 @@ def test_packed_linear_matches_nn_linear_and_follows_weight_updates():
     y = layer(x)  # with autograd: the plain path, gradients flow
     y.sum().backward()
     assert layer.weight.grad is not None
+
+
+@pytest.mark.skipif(not native_bf16(), reason="bfloat16 takes the packed path only where the CPU has it natively")
+def test_packed_bf16_one_row_equals_its_row_among_many():
+    """A lone row and the same row among others give bitwise the same output (SD verifies K+1 rows
+    where AR feeds one; a different summation order would make greedy outputs drift apart)."""
+    torch.manual_seed(0)
+    for k, n in [(576, 960), (1536, 576), (576, 3072)]:
+        layer = Linear(k, n, bias=False).to(torch.bfloat16)
+        x = torch.randn(9, k, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            alone = layer(x[:1])
+            for m in (2, 5, 9):
+                assert torch.equal(layer(x[:m])[:1], alone), (k, n, m)

@@ -78,3 +78,73 @@ def test_worker_that_cannot_start(llms, tmp_path):
     (tmp_path / "config.json").write_text("{}")  # the worker fails to load this draft and exits
     with pytest.raises(Exception):
         llms.make_engine("ssd", str(tmp_path), 3, worker_timeout=5)
+
+
+def test_two_ssd_llms_in_one_process(llms, draft_dir):
+    """Each engine has its own channel: both run SSD (no fallback), both equal AR, and closing the
+    first leaves the second working."""
+    from saguaro import LLM
+
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = reference(llms, 2)
+    first = LLM(mode="ssd", draft=str(draft_dir), k=3, worker_timeout=60, lookup_min_match=0)
+    second = LLM(mode="ssd", draft=str(draft_dir), k=3, worker_timeout=60, lookup_min_match=0)
+    try:
+        for llm in (first, second, first):  # interleaved: neither disturbs the other
+            outs = llm.generate(PROMPTS[:2], sp)
+            assert [o.token_ids for o in outs] == want
+            assert llm.engine.degraded is None and llm.engine.drafter.process.poll() is None
+            assert all(o.metrics["mode"] == "ssd" and "degraded" not in o.metrics for o in outs)
+            assert all("cache_hit_rate" in o.metrics for o in outs)  # the worker's tree was looked up
+        worker = first.engine.drafter.process
+        first.close()
+        assert worker.wait(timeout=30) == 0  # a clean Shutdown
+        outs = second.generate(PROMPTS[:2], sp)
+        assert [o.token_ids for o in outs] == want
+        assert second.engine.degraded is None and all(o.metrics["mode"] == "ssd" for o in outs)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_worker_killed_at_startup(llms, draft_dir, monkeypatch):
+    """The worker dies right after it is spawned: noticed at once (not at a rendezvous timeout), the
+    request finishes on the local draft, equal to AR, and the metrics say the engine is degraded."""
+    import subprocess
+    import time
+    import types
+
+    from saguaro import LLM
+    from saguaro.ssd import client
+
+    def spawn_and_kill(cmd, **kwargs):
+        process = subprocess.Popen(cmd, **kwargs)
+        process.kill()
+        return process
+
+    monkeypatch.setattr(client, "subprocess", types.SimpleNamespace(Popen=spawn_and_kill,
+                                                                    TimeoutExpired=subprocess.TimeoutExpired))
+    want = reference(llms, 1)
+    t0 = time.monotonic()
+    llm = LLM(mode="ssd", draft=str(draft_dir), k=3)
+    try:
+        out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+        elapsed = time.monotonic() - t0
+    finally:
+        llm.close()
+    assert elapsed < 20, f"took {elapsed:.1f} s end to end"
+    assert out.token_ids == want[0]
+    assert out.metrics["mode"] == "ssd-degraded" and "exited" in out.metrics["degraded"]
+    assert "exited" in llm.engine.degraded
+
+
+def test_worker_timeout_flag_reaches_the_engine_options():
+    from saguaro.cli import UsageError, build_parser, ssd_options
+    from saguaro.ssd.client import WORKER_TIMEOUT_S
+
+    parse = build_parser().parse_args
+    assert ssd_options(parse(["generate", "--mode", "ssd", "--worker-timeout", "3.5", "x"]))["worker_timeout"] == 3.5
+    assert "worker_timeout" not in ssd_options(parse(["generate", "x"]))  # the client's default applies
+    assert 5 <= WORKER_TIMEOUT_S <= 30
+    with pytest.raises(UsageError, match="worker-timeout"):
+        ssd_options(parse(["generate", "--worker-timeout", "0", "x"]))

@@ -29,31 +29,29 @@ def test_roundtrips():
 
 
 ECHO = """
-import sys, datetime, torch.distributed as dist
+import sys
 from saguaro.ssd import wire
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=1, world_size=2,
-                        timeout=datetime.timedelta(seconds=60))
-while not isinstance(msg := wire.recv(0), wire.Shutdown):
-    wire.send(msg, 0)
-dist.destroy_process_group()
+from saguaro.ssd.channel import WorkerEnd
+channel = WorkerEnd("127.0.0.1", int(sys.argv[1]), 60).open("gloo")
+while not isinstance(msg := wire.recv(channel), wire.Shutdown):
+    wire.send(msg, channel)
+channel.close()
 """
 
 
 def test_messages_cross_processes_small_large_and_with_q():
-    """Over a real gloo pair: one-frame messages, ones that overflow the frame, and q."""
-    import datetime
+    """Over a real private gloo pair: one-frame messages, ones that overflow the frame, and q."""
     import subprocess
     import sys
 
-    import torch.distributed as dist
-
     from saguaro.ssd import wire
-    from saguaro.ssd.worker import free_port
+    from saguaro.ssd.channel import READY, EngineEnd
 
-    port = free_port()
-    echo = subprocess.Popen([sys.executable, "-c", ECHO, str(port)])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    end = EngineEnd()
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, str(end.port)])
+    alive = lambda: None if echo.poll() is None else f"echo exited with {echo.returncode}"  # noqa: E731
+    end.wait_for(READY, 60, alive)
+    channel = end.open("gloo", timeout=60)
     try:
         big_prompt = list(range(3 * wire.FRAME))
         q = torch.rand(2, 3, 7, dtype=torch.float64)
@@ -61,16 +59,34 @@ def test_messages_cross_processes_small_large_and_with_q():
                     Prefill([0, 1], [big_prompt, [4]], [0.0, 0.5], [1.0, 1.0], [0, 0], [None, 3]),
                     Speculations([[1, 2, 3], [4, 5, 6]], [True, False], [0, 1], q, 0.5, 0.25)]
         for msg in messages:
-            wire.send(msg, 1)
-            back = wire.recv(1)
+            wire.send(msg, channel)
+            back = wire.recv(channel)
             if isinstance(msg, Speculations):
                 assert back.tokens == msg.tokens and back.sampled_rows == msg.sampled_rows
                 assert (back.tree_s, back.fallback_s) == (0.5, 0.25) and torch.equal(back.q, q)
             else:
                 assert back == msg
-        wire.send(Shutdown(), 1)
+        wire.send(Shutdown(), channel)
         assert echo.wait(timeout=60) == 0
     finally:
-        dist.destroy_process_group()
+        channel.close()
         if echo.poll() is None:
             echo.kill()
+
+
+def test_channel_notices_an_exit_before_connecting_at_once():
+    """A peer that exits before it reaches the store is seen by poll, not at a rendezvous timeout."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    from saguaro.ssd.channel import HELLO, ChannelError, EngineEnd
+
+    end = EngineEnd()
+    child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    t0 = time.monotonic()
+    with pytest.raises(ChannelError, match="3"):
+        end.wait_for(HELLO, 60, lambda: None if child.poll() is None else f"exited with {child.returncode}")
+    assert time.monotonic() - t0 < 2

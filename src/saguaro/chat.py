@@ -23,15 +23,13 @@ EXIT = ("/exit", "/quit")
 
 def reply(llm, messages: list[dict[str, str]], params: SamplingParams, out: TextIO) -> tuple[str, Sequence]:
     """Generate the assistant's next message, writing it to `out` as it comes; return its text."""
-    seq = Sequence(llm.tokenizer.encode_chat(messages), params)
     detok = IncrementalDetokenizer(llm.tokenizer, params.stop)
+    seq = Sequence(llm.tokenizer.encode_chat(messages), params, stop_check=detok.stops)  # the engine stops it
     engine = llm.engine
     engine.add(seq)
     while not seq.finished:
         engine.step()
         text = detok.update(seq.output_ids, final=seq.finished)
-        if detok.stopped and not seq.finished:
-            engine.abort(seq, "stop")
         if text:
             out.write(text)
             out.flush()

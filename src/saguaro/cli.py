@@ -62,6 +62,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--draft-cores", type=_core_list,
                    help="CPU cores for the draft worker, e.g. 6,7 (default: the last core); the target keeps the rest")
     s.add_argument("--draft-threads", type=_positive_int, help="torch threads of the draft worker (default: its cores)")
+    s.add_argument("--worker-timeout", type=float,
+                   help="seconds to wait for one answer of the draft worker before finishing with a local "
+                        "draft (default: 10, a few seconds past the slowest expected round)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +74,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--seed", type=int)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end the text where STR first appears, finish_reason 'stop' (repeatable)")
 
 
 def sampling_params(args):
@@ -78,7 +83,8 @@ def sampling_params(args):
 
     try:
         return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
+                              max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos,
+                              stop=list(getattr(args, "stop", None) or []))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -90,10 +96,13 @@ def ssd_options(args) -> dict:
         raise UsageError(f"--acceptance must be in (0, 1), got {args.acceptance}")
     if args.lookup_min_match < 0:
         raise UsageError(f"--lookup-min-match must be >= 0, got {args.lookup_min_match}")
+    if args.worker_timeout is not None and args.worker_timeout <= 0:
+        raise UsageError(f"--worker-timeout must be > 0, got {args.worker_timeout}")
+    timeout = {} if args.worker_timeout is None else {"worker_timeout": args.worker_timeout}  # default: the client's
     return dict(fanout_budget=args.fanout_budget or 0, fanout=args.fanout, acceptance=args.acceptance,
                 r=args.power_r, saguaro_c=args.saguaro_c, fallback=args.fallback, worker=not args.no_worker,
                 fit=not args.fixed_fanout, draft_cores=args.draft_cores, draft_threads=args.draft_threads,
-                lookup_min_match=args.lookup_min_match)
+                lookup_min_match=args.lookup_min_match, **timeout)
 
 
 def make_llm(args):

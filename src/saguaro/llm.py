@@ -13,6 +13,7 @@ from saguaro.engine.base import AREngine, Engine
 from saguaro.engine.sequence import Sequence
 from saguaro.loader import load_model, resolve_checkpoint
 from saguaro.sampling import SamplingParams
+from saguaro.serve.detokenizer import StopStrings
 from saguaro.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        seqs = [Sequence(self.encode(p, chat), sp) for p, sp in zip(prompts, params)]
+        seqs = [self.sequence(self.encode(p, chat), sp) for p, sp in zip(prompts, params)]
         for s in seqs:
             self.engine.check(s)
         progress = None
@@ -132,18 +133,24 @@ class LLM:
         return [self._output(p, s) for p, s in zip(prompts, seqs)]
 
     def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:
-        seq = Sequence(self.tokenizer.encode_chat(messages), sampling_params or SamplingParams())
+        seq = self.sequence(self.tokenizer.encode_chat(messages), sampling_params or SamplingParams())
         self.engine.run([seq])
         return self._output(None, seq)
 
+    def sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """A request for this LLM's engine, ending at its stop strings (the engine cuts the tokens)."""
+        return Sequence(prompt_ids, params, stop_check=StopStrings.for_params(self.tokenizer, params.stop))
+
     def _output(self, prompt, seq: Sequence) -> RequestOutput:
-        text = self.tokenizer.decode(seq.output_ids)
-        for stop in seq.params.stop:  # stop strings end the text where they first appear
-            cut = text.find(stop)
-            if cut >= 0:
-                text = text[:cut]
+        stops = seq.stop_check
+        stopped = isinstance(stops, StopStrings) and stops.text is not None
+        text = stops.text if stopped else self.tokenizer.decode(seq.output_ids)
         completion = CompletionOutput(text, list(seq.output_ids), seq.finish_reason)
-        metrics = {"mode": self.mode, **seq.metrics()}  # under auto, the sequence says which mode ran
+        degraded = getattr(self.engine, "degraded", None)  # an SSD engine that lost its worker
+        mode = f"{self.mode}-degraded" if degraded else self.mode
+        metrics = {"mode": mode, **seq.metrics()}  # under auto, the sequence says which mode ran
+        if degraded:
+            metrics["degraded"] = degraded
         return RequestOutput(prompt if isinstance(prompt, str) else None, seq.prompt_ids, [completion], metrics)
 
     def close(self) -> None:

@@ -55,7 +55,7 @@ class Engine:
         self.waiting.append(seq)
 
     def abort(self, seq: Sequence, reason: str = "abort") -> None:
-        """End a request between rounds (its client left, or a stop string appeared) and free its row."""
+        """End a request between rounds (its client left) and free its row."""
         if seq.finished:
             return
         seq.finish_reason = reason
@@ -83,13 +83,23 @@ class Engine:
         touched = list(admitted)
         if admitted:
             self.prefill(admitted)
+            self.check_stop_strings(admitted)
             self.retire()  # some finish on their first token
         if self.running:
             new = set(map(id, admitted))
             touched += [s for s in self.running if id(s) not in new]
+            stepped = list(self.running)
             self.decode_round()
+            self.check_stop_strings(stepped)
         self.retire()
         return touched
+
+    @staticmethod
+    def check_stop_strings(seqs: list[Sequence]) -> None:
+        """End sequences whose text now holds a stop string (before retire, which frees their rows,
+        so tokens a speculative round wrote past the stop string cost nothing to drop)."""
+        for s in seqs:
+            s.check_stop_strings()
 
     def run(self, seqs: list[Sequence], progress=None) -> list[Sequence]:
         for s in seqs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,10 @@ class Sequence:
     first_token_at: float | None = None
     finished_at: float | None = None
     stats: RoundStats = field(default_factory=RoundStats)
+    # Set by the face that holds the tokenizer when the request has stop strings: called with the
+    # output after each round, it returns None, or how many output tokens to keep because a stop
+    # string appeared (serve/detokenizer.py StopStrings). The engine needs no tokenizer.
+    stop_check: Callable[[list[int]], int | None] | None = None
 
     def __post_init__(self):
         if self.params.seed is not None:
@@ -84,6 +89,18 @@ class Sequence:
         if self.finished:
             self.finished_at = now
         return kept
+
+    def check_stop_strings(self) -> bool:
+        """Whether a stop string ended the output just now; then only the tokens before it remain."""
+        if self.stop_check is None or self.finish_reason == "abort":
+            return False
+        keep = self.stop_check(self.output_ids)
+        if keep is None:
+            return False
+        del self.output_ids[keep:]  # speculative rounds may have added tokens past the stop string
+        self.finish_reason = "stop"
+        self.finished_at = time.perf_counter()
+        return True
 
     def metrics(self) -> dict:
         end = self.finished_at or time.perf_counter()

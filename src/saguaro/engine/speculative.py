@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 
 from saguaro.engine.base import Engine
-from saguaro.engine.speculators import NeuralSpeculator, NgramSpeculator, Speculator
+from saguaro.engine.ssd_setup import make_ssd_engine
 from saguaro.engine.verify import verify
-from saguaro.loader import CheckpointError, load_model, resolve_checkpoint
+from saguaro.loader import CheckpointError
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import target_probs
+from saguaro.speculators import NeuralSpeculator, NgramSpeculator, Speculator
+from saguaro.speculators.draft import check_vocabulary, load_draft
+
+__all__ = ["SDEngine", "check_vocabulary", "load_draft", "make_speculative_engine"]  # the draft loaders: old path
 
 log = logging.getLogger(__name__)
 
@@ -69,29 +71,6 @@ class SDEngine(Engine):
         self.totals["verify_s"] += t2 - t1
 
 
-def check_vocabulary(draft_dir: Path, draft: CausalLM, target: CausalLM, tokenizer) -> None:
-    """Refuse a draft whose token ids do not mean the same strings as the target's."""
-    if draft.config.vocab_size > target.config.vocab_size:
-        raise CheckpointError(f"draft vocabulary ({draft.config.vocab_size}) is larger than the target's "
-                              f"({target.config.vocab_size}): it cannot share the target's tokenizer")
-    tok_file = draft_dir / "tokenizer.json"
-    if tok_file.is_file():
-        draft_vocab = json.loads(tok_file.read_text()).get("model", {}).get("vocab", {})
-        target_vocab = tokenizer.hf.get_vocab()
-        if isinstance(draft_vocab, dict):
-            bad = [t for t, i in draft_vocab.items() if target_vocab.get(t) != i]
-            if bad:
-                raise CheckpointError(f"draft tokenizer does not map onto the target's: {len(bad)} tokens "
-                                      f"differ, e.g. {bad[0]!r}")
-
-
-def load_draft(path, target: CausalLM, tokenizer) -> CausalLM:
-    draft_dir = resolve_checkpoint(path)
-    draft = load_model(draft_dir, dtype=target.dtype, device=str(target.device), embeddings_from=target)
-    check_vocabulary(draft_dir, draft, target, tokenizer)
-    return draft
-
-
 def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_size, default_draft=None,
                             target_path=None, **ssd_options):
     if draft == "ngram":
@@ -106,7 +85,5 @@ def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_s
         speculator = NeuralSpeculator(load_draft(path, target, tokenizer), target.config.vocab_size)
         return SDEngine(target, speculator, k, stop, max_batch_size)
     if mode == "ssd":
-        from saguaro.engine.ssd_setup import make_ssd_engine
-
         return make_ssd_engine(target, tokenizer, path, target_path, k, stop, max_batch_size, **ssd_options)
     raise ValueError(f"unknown mode {mode!r}")

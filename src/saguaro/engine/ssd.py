@@ -21,6 +21,7 @@ from saguaro.engine.base import Engine, decode_one_token
 from saguaro.engine.verify import verify
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import target_probs
+from saguaro.ssd.client import WorkerError
 from saguaro.ssd.drafter import Speculation, SSDDrafter
 from saguaro.ssd.online import SaguaroPolicy
 
@@ -36,11 +37,13 @@ class CoreSplit:
     shared_cores: list[int]  # while the worker drafts beside the target
     shared_threads: int
 
+    def threads(self, alone: bool) -> int:
+        return self.all_threads if alone else self.shared_threads
+
     def pin_target(self, alone: bool) -> None:
-        cores, threads = (self.all_cores, self.all_threads) if alone else (self.shared_cores, self.shared_threads)
         if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, cores)
-        torch.set_num_threads(threads)
+            os.sched_setaffinity(0, self.all_cores if alone else self.shared_cores)
+        torch.set_num_threads(self.threads(alone))
 
 
 class LocalDrafter:
@@ -107,6 +110,9 @@ class SSDEngine(Engine):
         self.outcome: dict[int, tuple[int, int]] = {}  # seq id -> outcome of its last round
         self.totals = {"rounds": 0, "respond_s": 0.0, "verify_s": 0.0, "tree_s": 0.0, "fallback_s": 0.0}
         self._prefilling = []
+        # mode auto: False once AR-only stretches went by without telling the drafter (its rows
+        # are then stale), until the next SSD round gives it every running row afresh
+        self._drafter_synced = True
 
     @property
     def lookahead(self) -> int:
@@ -114,8 +120,6 @@ class SSDEngine(Engine):
 
     def _guarded(self, call, *args):
         """Run a drafter call; if the worker fails, switch to a local drafter once and retry."""
-        from saguaro.ssd.worker import WorkerError
-
         try:
             return call(self.drafter)(*args)
         except WorkerError as e:
@@ -134,21 +138,45 @@ class SSDEngine(Engine):
         self.drafter = self.local_fallback()
         self.local_fallback = None
         seqs = self.running + [s for s in self._prefilling]
-        if seqs:  # the local drafter starts from what the worker had been told
+        if seqs and self._drafter_synced:  # the local drafter starts from what the worker had been told
             self.drafter.prefill([s.id for s in seqs], [s.all_ids[: self.sent[s.id]] for s in seqs],
                                  [s.params for s in seqs], [s.params.seed for s in seqs])
         self.outcome.clear()
 
+    def prefill(self, seqs) -> None:
+        if self.round_rule is not None:  # prefill on the cores the next round will have
+            batch = self.running + seqs
+            self._enter(self.round_rule(len(batch), sum(not s.params.greedy for s in batch)).mode)
+        super().prefill(seqs)
+
+    def _resync_drafter(self) -> None:
+        """Give the drafter every running row afresh, its context up to the last token (which the
+        next respond feeds): it missed the rows that joined or grew during AR-only rounds."""
+        seqs = self.running
+        self._guarded(lambda d: d.retire, [])
+        for s in seqs:
+            self.sent[s.id] = len(s.all_ids) - 1
+        self.outcome.clear()
+        self._drafter_synced = True
+        self._prefilling = seqs
+        self._guarded(lambda d: d.prefill, [s.id for s in seqs], [s.all_ids[:-1] for s in seqs],
+                      [s.params for s in seqs], [s.params.seed for s in seqs])
+        self._prefilling = []
+
     def on_prefill(self, seqs, ids, lengths, cache) -> None:
         for s in seqs:
             self.sent[s.id] = len(s.prompt_ids)
+        if self.round_rule is not None and (self._round_mode == "ar" or not self._drafter_synced):
+            self._drafter_synced = False  # AR rounds next: the drafter's prefill would be wasted work
+            return
         self._prefilling = seqs
         self._guarded(lambda d: d.prefill, [s.id for s in seqs], [s.prompt_ids for s in seqs],
                       [s.params for s in seqs], [s.params.seed for s in seqs])
         self._prefilling = []
 
     def on_retire(self, keep: list[int]) -> None:
-        self._guarded(lambda d: d.retire, keep)
+        if self._drafter_synced:
+            self._guarded(lambda d: d.retire, keep)
         alive = {s.id for s in self.running}
         for table in (self.sent, self.outcome):
             for sid in [x for x in table if x not in alive]:
@@ -167,12 +195,16 @@ class SSDEngine(Engine):
                     s.stats.ar_rounds += 1
                     self.outcome.pop(s.id, None)
                 return
+            if not self._drafter_synced:
+                self._resync_drafter()
         self._speculative_round()
 
     def _enter(self, mode: str) -> None:
         """AR rounds give the target every core (the worker idles); SSD rounds leave the worker its own."""
-        if mode != self._round_mode and self.cores is not None:
-            self.cores.pin_target(alone=mode == "ar")
+        alone = mode == "ar"
+        # also re-pin if someone else moved the threads (a benchmark placing modes in turn)
+        if self.cores is not None and (mode != self._round_mode or torch.get_num_threads() != self.cores.threads(alone)):
+            self.cores.pin_target(alone)
         self._round_mode = mode
 
     def _speculative_round(self) -> None:

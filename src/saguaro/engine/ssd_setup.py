@@ -8,13 +8,13 @@ import os
 
 import torch
 
-from saguaro.engine.speculative import load_draft
 from saguaro.engine.auto import choose_round
 from saguaro.engine.ssd import CoreSplit, LocalDrafter, SSDEngine
 from saguaro.loader import resolve_checkpoint
+from saguaro.speculators.draft import load_draft
+from saguaro.ssd.client import WORKER_TIMEOUT_S, RemoteDrafter, WorkerError
 from saguaro.ssd.drafter import SSDDrafter
 from saguaro.ssd.online import SaguaroPolicy
-from saguaro.ssd.worker import RemoteDrafter, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
                     fanout: str = "geometric", acceptance: float = PRIOR_ACCEPTANCE, r: float = PRIOR_R,
                     saguaro_c: float = 1.0, fallback: str = "auto", worker: bool = True,
                     draft_cores: list[int] | None = None, draft_threads: int | None = None,
-                    worker_timeout: float = 60.0, fit: bool = True,
+                    worker_timeout: float = WORKER_TIMEOUT_S, fit: bool = True,
                     lookup_min_match: int = LOOKUP_MIN_MATCH, auto: bool = False) -> SSDEngine:
     """fit: refit a_p and r (and so the fan-out) from what the rounds show; False keeps the priors.
     fanout_budget 0: start at 3(K+1) branches and, when fitting, resize so the tree fits in a verification.
@@ -94,7 +94,8 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_bat
                 cores_split = CoreSplit(_affinity(), torch.get_num_threads(), rest, len(rest))
                 cores_split.pin_target(alone=False)
         except WorkerError as e:
-            log.warning("%s; running SSD's fallback (SD with a local draft) instead", e)
+            log.warning("%s; running SSD's fallback (SD with a local draft) instead (metrics say "
+                        "mode 'ssd-degraded')", e)
             degraded = str(e)
     if drafter is None:
         drafter = LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, shape, c=saguaro_c,

@@ -102,8 +102,17 @@ class Attention(nn.Module):
             out = sdpa(q, k, v, mask)
         else:
             keys, values = cache.write(self.layer_index, slots, k, v, mask.shape[-1])
-            out = sdpa(q, keys, values, mask)
+            out = _inference_attention(q, keys, values, mask)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _inference_attention(q, k, v, mask):
+    """Attention over the cache. In half precision on a CPU it runs in float32: torch's bfloat16 CPU
+    kernel took 325 us for one query against 53 us in float32 (AMD EPYC, 300 keys), and float32 is the
+    more accurate of the two."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return sdpa(q.float(), k.float(), v.float(), mask).to(q.dtype)
+    return sdpa(q, k, v, mask)
 
 
 def _sdpa_gqa(q, k, v, mask):

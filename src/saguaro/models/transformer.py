@@ -11,6 +11,17 @@ from saguaro.models.layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from saguaro.models.linear import Linear
 
 
+SPAN_BLOCK = 32
+
+
+def _attention_span(needed: int) -> int:
+    """Keys a query attends over (the rest masked), rounded up to a multiple of 32. torch's CPU
+    attention sums over keys in blocks; with the span on a block boundary a query's output no longer
+    depends on how many keys past it there are (measured bitwise in bfloat16), so AR's one query and
+    SD's K+1 give the same numbers for the same token."""
+    return -(-needed // SPAN_BLOCK) * SPAN_BLOCK
+
+
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -63,7 +74,7 @@ class CausalLM(nn.Module):
             positions = cache.lengths[:, None] + torch.arange(t, device=input_ids.device)
         if slots is None:
             slots = positions
-        span = int(slots.max()) + 1 if mask is None else mask.shape[-1]
+        span = _attention_span(int(slots.max()) + 1) if mask is None else mask.shape[-1]
         cache.ensure_capacity(span)
         if mask is None:
             mask = torch.arange(span, device=input_ids.device) <= positions[:, :, None]

@@ -85,7 +85,8 @@ class AsyncEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request; raises ValueError (bad prompt, over the context) or Unavailable."""
-        seq = Sequence(prompt_ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        seq = Sequence(prompt_ids, params, stop_check=detok.stops)  # the engine ends it at a stop string
         self.engine.check(seq)  # reads only the model config: safe from this thread
         with self._lock:
             if not self.accepting:
@@ -94,7 +95,7 @@ class AsyncEngine:
                 raise Unavailable(f"the server is at its limit of {self.max_concurrency} requests in flight; "
                                   "retry later")
             self._in_flight += 1
-        req = Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.get_running_loop())
+        req = Request(seq, detok, asyncio.get_running_loop())
         self._post("add", req)
         return req
 
@@ -173,7 +174,7 @@ class AsyncEngine:
             req = self._live.get(seq.id)
             if req is None:
                 continue
-            new_tokens += len(seq.output_ids) - req.tokens_seen
+            new_tokens += max(0, len(seq.output_ids) - req.tokens_seen)  # a stop string may cut tokens
             req.tokens_seen = len(seq.output_ids)
             self._emit(req)
         self.stats.round(len(changed), new_tokens, time.perf_counter() - t0)
@@ -181,8 +182,6 @@ class AsyncEngine:
     def _emit(self, req: Request) -> None:
         seq = req.seq
         text = req.detok.update(seq.output_ids, final=seq.finished)
-        if req.detok.stopped and not seq.finished:
-            self.engine.abort(seq, "stop")  # a stop string ended the text: free the row now
         if not text and not seq.finished:
             return
         self._send(req, Delta(text, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids)))

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from saguaro.engine.speculators import NeuralSpeculator, NgramSpeculator
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import SamplingParams, sample, target_probs
+from saguaro.speculators import NeuralSpeculator, NgramSpeculator
 from saguaro.ssd.sampling import saguaro_distribution
 
 
@@ -143,7 +143,9 @@ class SSDDrafter:
         first"). Sampled rows keep the draft's q, which a deterministic proposal would give up."""
         if not self.lookup_min_match or not row.params.greedy:
             return None
-        tokens, n = self.ngram.match(row.tokens, self.k)
+        # search suffixes up to the rule's length: the matcher's default stops at 3, so a longer
+        # required match was never found (for N <= 3 the search is the one it always was)
+        tokens, n = self.ngram.match(row.tokens, self.k, max(self.ngram.max_ngram, self.lookup_min_match))
         return Speculation(tokens, None, hit=cached, source="lookup") if n >= self.lookup_min_match else None
 
     def target_q(self, q: torch.Tensor) -> torch.Tensor:

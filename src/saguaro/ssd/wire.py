@@ -1,4 +1,4 @@
-"""Typed messages between the engine and the draft worker, sent over torch.distributed.
+"""Typed messages between the engine and the draft worker, sent over their private channel.
 
 Every message travels as one int64 frame (a header [kind, #ints, #floats, #tensor elements, ...],
 then the ints and the floats' bit patterns), an overflow when they do not fit, and (for
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
 import torch
-import torch.distributed as dist
 
 
 class Kind(IntEnum):
@@ -193,8 +192,8 @@ def _frame_payload(ints: list[int], floats: list[float]) -> torch.Tensor:
     return torch.cat([torch.tensor(ints, dtype=torch.int64), bits])
 
 
-def send(message, dst: int, device: str = "cpu") -> None:
-    """Send to rank dst; `device` is where the backend wants tensors (cuda for nccl, cpu for gloo).
+def send(message, channel) -> None:
+    """Send over a `channel.Channel` (the engine's or the worker's end of one private link).
 
     Every point-to-point send waits for the matching receive, so a message is as few sends as it
     can be: one frame when ints and floats fit in it (every message of a small batch), an overflow
@@ -209,30 +208,26 @@ def send(message, dst: int, device: str = "cpu") -> None:
     frame = torch.zeros(FRAME, dtype=torch.int64)
     fits = min(len(payload), FRAME - HEADER)
     frame[:HEADER], frame[HEADER : HEADER + fits] = header, payload[:fits]
-    dist.send(frame.to(device), dst)
+    channel.send(frame)
     if len(payload) > fits:
-        dist.send(payload[fits:].to(device), dst)
+        channel.send(payload[fits:])
     if numel:
-        dist.send(tensor.detach().to(device=device, dtype=TENSOR_DTYPES[dtype]).contiguous(), dst)
+        channel.send(tensor.detach().to(dtype=TENSOR_DTYPES[dtype]))
 
 
-def recv(src: int, device: str = "cpu"):
-    frame = torch.zeros(FRAME, dtype=torch.int64, device=device)
-    dist.recv(frame, src)
-    frame = frame.cpu()
+def recv(channel):
+    device = channel.device
+    frame = channel.recv(torch.zeros(FRAME, dtype=torch.int64, device=device)).cpu()
     kind, n_ints, n_floats, numel, ndim, dtype = frame[:6].tolist()
     shape = frame[6 : 6 + ndim].tolist()
     size = n_ints + n_floats
     payload = frame[HEADER : HEADER + min(size, FRAME - HEADER)]
     if size > FRAME - HEADER:
-        rest = torch.zeros(size - (FRAME - HEADER), dtype=torch.int64, device=device)
-        dist.recv(rest, src)
+        rest = channel.recv(torch.zeros(size - (FRAME - HEADER), dtype=torch.int64, device=device))
         payload = torch.cat([payload, rest.cpu()])
     ints = payload[:n_ints].tolist()
     floats = payload[n_ints:].view(torch.float64).tolist()
     tensor = None
     if numel:
-        tensor = torch.zeros(shape, dtype=TENSOR_DTYPES[dtype], device=device)
-        dist.recv(tensor, src)
-        tensor = tensor.cpu()
+        tensor = channel.recv(torch.zeros(shape, dtype=TENSOR_DTYPES[dtype], device=device)).cpu()
     return MESSAGES[Kind(kind)].unpack(ints, floats, tensor)

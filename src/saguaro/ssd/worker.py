@@ -1,45 +1,36 @@
-"""The draft worker: an SSDDrafter in its own process (own cores, GPU or host), over torch.distributed.
+"""The draft worker: an SSDDrafter in its own process (own cores, GPU or host).
 
-Rank 0 is the engine, rank 1 the worker; they meet by TCP (`--master-addr/--master-port`), so
-the worker may run on another host. After answering a RESPOND with the next speculations the
-worker at once builds the tree for them, while the engine's target verifies: that overlap is SSD.
+It meets its engine on the engine's private channel (ssd/channel.py: a TCPStore at
+`--master-addr/--master-port`, then a two-rank process group of its own). After answering a
+RESPOND with the next speculations the worker at once builds the tree for them, while the
+engine's target verifies: that overlap is SSD. The engine's side is ssd/client.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import os
 import socket
-import subprocess
-import sys
 
 import torch
-import torch.distributed as dist
 
-from saguaro.engine.speculators import head_to_vocab
+from saguaro.loader import load_model, resolve_checkpoint
 from saguaro.sampling import SamplingParams
+from saguaro.speculators.draft import load_draft
 from saguaro.ssd import wire
-from saguaro.ssd.drafter import Speculation, SSDDrafter
+from saguaro.ssd.channel import Channel, WorkerEnd
+from saguaro.ssd.client import CONNECT_S
+from saguaro.ssd.drafter import SSDDrafter
+from saguaro.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-ENGINE, WORKER = 0, 1
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def backend_for(engine_device: str, worker_device: str) -> str:
-    """nccl between two distinct GPUs; gloo otherwise (CPU, or both on one GPU, which nccl refuses)."""
-    a, b = torch.device(engine_device), torch.device(worker_device)
-    if a.type == b.type == "cuda" and (a.index or 0) != (b.index or 0):
-        return "nccl"
-    return "gloo"
 
 
 def pin(cores: list[int] | None, threads: int | None) -> None:
@@ -49,32 +40,33 @@ def pin(cores: list[int] | None, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-# ----------------------------------------------------------------------------- worker side
-
-def serve(args) -> None:
-    from saguaro.engine.speculative import load_draft
-    from saguaro.loader import load_model, resolve_checkpoint
-    from saguaro.tokenizer import Tokenizer
-
-    pin(args.cores, args.threads)
-    comm = args.device if args.backend == "nccl" else "cpu"  # where wire tensors live
-    if args.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(args.device))
-    dist.init_process_group(args.backend, init_method=f"tcp://{args.master_addr}:{args.master_port}",
-                            rank=WORKER, world_size=2, timeout=datetime.timedelta(seconds=args.timeout))
-    dtype = getattr(torch, args.dtype)
-    target = load_model(args.target, dtype=dtype, device=args.device)  # for its embeddings and vocabulary
+def _load(args) -> tuple[SSDDrafter, int]:
+    """The drafter, and the size of the draft's output vocabulary (what q travels over)."""
+    target = load_model(args.target, dtype=getattr(torch, args.dtype), device=args.device)  # embeddings, vocab
     tokenizer = Tokenizer.load(resolve_checkpoint(args.target), target.config.eos_token_ids)
     draft = load_draft(args.draft, target, tokenizer)
     vocab = target.config.vocab_size
     del target
-    drafter = SSDDrafter(draft, vocab, args.k, args.fanout, c=args.c, fallback=args.fallback)
     head = draft.output_token_ids
-    wire.send(wire.Ready(args.k, vocab if head is None else len(head)), ENGINE, comm)
-    while True:
-        msg = wire.recv(ENGINE, comm)
-        if isinstance(msg, wire.Shutdown):
-            break
+    return SSDDrafter(draft, vocab, args.k, args.fanout, c=args.c, fallback=args.fallback), \
+        vocab if head is None else len(head)
+
+
+def _speculations(drafter: SSDDrafter, msg: wire.Respond) -> wire.Speculations:
+    drafter.set_policy(msg.fanout, msg.fallback, msg.lookup_min_match)
+    tree_s = drafter.tree_s  # the tree these outcomes are looked up in
+    specs = drafter.respond(msg.outcomes, msg.new_tokens)
+    sampled = [i for i, s in enumerate(specs) if s.q is not None]
+    q = None
+    if sampled:
+        q = torch.stack([specs[i].q for i in sampled])  # over the draft head
+        q = q if drafter.draft.output_token_ids is not None else drafter.target_q(q)
+    return wire.Speculations([s.tokens for s in specs], [s.hit for s in specs], sampled, q,
+                             tree_s, drafter.fallback_s, [s.source == "lookup" for s in specs])
+
+
+def _loop(drafter: SSDDrafter, channel: Channel) -> None:
+    while not isinstance(msg := wire.recv(channel), wire.Shutdown):
         if isinstance(msg, wire.Prefill):
             params = [SamplingParams(temperature=t, top_p=p, top_k=k)
                       for t, p, k in zip(msg.temperatures, msg.top_ps, msg.top_ks)]
@@ -82,19 +74,25 @@ def serve(args) -> None:
         elif isinstance(msg, wire.Retire):
             drafter.retire(msg.keep)
         elif isinstance(msg, wire.Respond):
-            drafter.set_policy(msg.fanout, msg.fallback, msg.lookup_min_match)
-            tree_s = drafter.tree_s  # the tree these outcomes are looked up in
-            specs = drafter.respond(msg.outcomes, msg.new_tokens)
-            sampled = [i for i, s in enumerate(specs) if s.q is not None]
-            q = None
-            if sampled:
-                q = torch.stack([specs[i].q for i in sampled])  # over the draft head
-                q = q if head is not None else drafter.target_q(q)
-            wire.send(wire.Speculations([s.tokens for s in specs], [s.hit for s in specs], sampled, q,
-                                        tree_s, drafter.fallback_s, [s.source == "lookup" for s in specs]),
-                      ENGINE, comm)
+            wire.send(_speculations(drafter, msg), channel)
             drafter.build_tree()  # overlaps the engine's verification of these speculations
-    dist.destroy_process_group()
+
+
+def serve(args) -> None:
+    pin(args.cores, args.threads)
+    comm = args.device if args.backend == "nccl" else "cpu"  # where wire tensors live
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))
+    end = WorkerEnd(args.master_addr, args.master_port, args.timeout)
+    drafter, head_vocab = _load(args)
+    channel = end.open(args.backend, comm)
+    try:
+        wire.send(wire.Ready(args.k, head_vocab), channel)
+        _loop(drafter, channel)
+    except RuntimeError as e:  # the engine closed its end without a Shutdown (it exited or gave up on us)
+        log.warning("engine gone: %s", e)
+    finally:
+        channel.close()
 
 
 def worker_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -112,102 +110,8 @@ def worker_parser(p: argparse.ArgumentParser | None = None) -> argparse.Argument
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cores", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=float, default=CONNECT_S, help="seconds to reach the engine's store")
     return p
-
-
-# ----------------------------------------------------------------------------- engine side
-
-class WorkerError(RuntimeError):
-    """The worker could not be started, died, or stopped answering."""
-
-
-class RemoteDrafter:
-    """The engine's handle on a draft worker process (spawned here unless `spawn` is False)."""
-
-    def __init__(self, target: str, draft: str, k: int, fanout: list[int], target_vocab: int,
-                 c: float = 1.0, fallback: str = "neural", dtype: str = "float32", device: str = "cpu",
-                 cores: list[int] | None = None, threads: int = 1, timeout: float = 60.0,
-                 master_addr: str = "127.0.0.1", master_port: int | None = None, spawn: bool = True,
-                 head_ids: torch.Tensor | None = None, engine_device: str = "cpu"):
-        """device: the worker's (draft's) device; engine_device: the target's."""
-        self.k, self.vocab, self.head_ids = k, target_vocab, head_ids
-        backend = backend_for(engine_device, device)
-        self.comm = engine_device if backend == "nccl" else "cpu"
-        self.tree_s = self.fallback_s = 0.0  # the worker's times, as reported with its last answer
-        self.process = None
-        port = master_port or free_port()
-        if spawn:
-            cmd = [sys.executable, "-m", "saguaro.ssd.worker", "--master-addr", master_addr, "--master-port", str(port),
-                   "--target", str(target), "--draft", str(draft), "--k", str(k),
-                   "--fanout", ",".join(map(str, fanout)), "--c", str(c), "--fallback", fallback,
-                   "--dtype", dtype, "--device", device, "--backend", backend, "--threads", str(threads), "--timeout", str(timeout)]
-            if cores:
-                cmd += ["--cores", ",".join(map(str, cores))]
-            self.process = subprocess.Popen(cmd)
-        try:
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{port}", rank=ENGINE,
-                                    world_size=2, timeout=datetime.timedelta(seconds=timeout))
-            ready = wire.recv(WORKER, self.comm)
-        except Exception as e:
-            self._kill()
-            raise WorkerError(f"draft worker did not start: {e}") from None
-        if not isinstance(ready, wire.Ready) or ready.k != k:
-            self._kill()
-            raise WorkerError(f"draft worker answered {ready!r}")
-
-    def _call(self, fn, *args):
-        if self.process is not None and self.process.poll() is not None:
-            raise WorkerError(f"draft worker exited with status {self.process.returncode}")
-        try:
-            return fn(*args)
-        except Exception as e:  # gloo raises RuntimeError subclasses for dead peers and timeouts
-            raise WorkerError(f"draft worker lost: {e}") from None
-
-    def prefill(self, seq_ids, prompts, params, seeds) -> None:
-        msg = wire.Prefill(seq_ids, prompts, [float(p.temperature) for p in params], [float(p.top_p) for p in params],
-                           [p.top_k for p in params], seeds)
-        self._call(wire.send, msg, WORKER, self.comm)
-
-    def respond(self, outcomes, new_tokens, fanout: list[int], fallback: str,
-                lookup_min_match: int = 0) -> list[Speculation]:
-        self._call(wire.send, wire.Respond(outcomes, new_tokens, list(fanout), fallback, lookup_min_match),
-                   WORKER, self.comm)
-        msg = self._call(wire.recv, WORKER, self.comm)
-        self.tree_s, self.fallback_s = msg.tree_s, msg.fallback_s
-        qs = {row: head_to_vocab(msg.q[j], self.head_ids, self.vocab) for j, row in enumerate(msg.sampled_rows)}
-        return [Speculation(t, qs.get(i), hit=h, source="lookup" if lk else "tree" if h else fallback)
-                for i, (t, h, lk) in enumerate(zip(msg.tokens, msg.hits, msg.lookups))]
-
-    def build_tree(self) -> None:
-        """The worker starts on its own right after responding."""
-
-    def finish_tree(self) -> None:
-        pass
-
-    def retire(self, keep: list[int]) -> None:
-        self._call(wire.send, wire.Retire(keep), WORKER, self.comm)
-
-    def close(self) -> None:
-        try:
-            if self.process is None or self.process.poll() is None:
-                wire.send(wire.Shutdown(), WORKER, self.comm)
-        except Exception:
-            pass
-        if self.process is not None:
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._kill()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    def _kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,56 @@
+"""Speculators propose K tokens per running sequence, and the distribution q they drew them from.
+
+Rows follow the engine's running batch: `prefill` appends rows, `retire` keeps some, `commit`
+tells each row how many of its proposed tokens the target accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from saguaro.sampling import SamplingParams
+
+
+class Row(Protocol):
+    """What a speculator reads of a running sequence (the engine's Sequence is one)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+
+    @property
+    def all_ids(self) -> list[int]: ...
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [B, K]
+    q: torch.Tensor | None  # [B, K, V] over the target's vocabulary; None = deterministic (one-hot)
+
+
+def head_to_vocab(q: torch.Tensor, head_ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """q over a draft head [..., V_head] -> over the target's vocabulary [..., vocab], zero off the head.
+    head_ids[j] is the target id of head row j; None means the head covers the first V_head ids."""
+    if head_ids is None and q.shape[-1] == vocab:
+        return q
+    full = q.new_zeros(*q.shape[:-1], vocab)
+    if head_ids is None:
+        full[..., : q.shape[-1]] = q
+        return full
+    return full.index_copy_(-1, head_ids.to(q.device), q)
+
+
+class Speculator:
+    def prefill(self, seqs: list[Row], ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        """New sequences (prompts in `ids`, right-padded) join the batch as rows at the end."""
+
+    def propose(self, seqs: list[Row], k: int) -> Proposal:
+        raise NotImplementedError
+
+    def commit(self, accepted: list[int]) -> None:
+        """Row i's first accepted[i] proposed tokens were kept (then the target emitted one of its own)."""
+
+    def retire(self, keep: list[int]) -> None:
+        """Only rows `keep` remain, in this order."""

@@ -144,7 +144,7 @@ def main() -> None:
     if args.json:
         cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         flags = next((ln.split(":", 1)[1].split() for ln in cpu.splitlines() if ln.startswith("Flags")), [])
-        meta = {"command": shlex.join([sys.executable] + sys.argv), "cpu": platform.processor() or "",
+        meta = {"command": shlex.join(["python"] + sys.argv), "cpu": platform.processor() or "",
                 "model": next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), ""),
                 "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags, "cores": os.cpu_count(),
                 "configs": {c: shlex.join(["saguaro", "serve"] + CONFIGS[c]) for c in configs}}

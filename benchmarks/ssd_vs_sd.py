@@ -41,11 +41,11 @@ class NoLookup(EngineRunner):
     """SSD without prompt lookup ahead of the cache: the paper's mechanism alone."""
 
     def generate(self, prompts, params):
-        saved, self.engine.lookup_min_match = self.engine.lookup_min_match, 0
+        saved, self.engine.prompt_lookup_min_match = self.engine.prompt_lookup_min_match, 0
         try:
             return super().generate(prompts, params)
         finally:
-            self.engine.lookup_min_match = saved
+            self.engine.prompt_lookup_min_match = saved
 
 
 def per_round(summary: dict) -> dict:

@@ -114,10 +114,10 @@ def test_bench_bad_arguments(capsys, args, message):
 # ---------------------------------------------------------------------------- pieces
 
 def test_power_law_fit_recovers_r():
-    from saguaro.analyses.hit_vs_fanout import fit_power_law, hit_curve
+    from saguaro.analyses.hit_vs_fanout import fit_miss_curve, hit_curve
 
     fanouts = list(range(1, 17))
-    fit = fit_power_law(fanouts, [f ** -0.7 for f in fanouts])
+    fit = fit_miss_curve(fanouts, [f ** -0.7 for f in fanouts])
     assert fit["r"] == pytest.approx(0.7, abs=1e-3)
     assert hit_curve([0, 2, None, 1], 3) == [0.25, 0.5, 0.75]
 

@@ -195,3 +195,40 @@ def test_policy_grows_the_budget_while_the_tree_is_cheap():
     for _ in range(8):
         fixed.observe_times(verify_s=0.03, tree_s=0.006, fallback_s=0.0, source="neural", misses=0)
     assert fixed.budget == 12
+
+
+# ---------------------------------------------------------------------------- options and the drafter interface
+
+def test_ssd_options_validate_and_take_the_older_names():
+    from saguaro.ssd.online import PRIOR_ACCEPTANCE, PRIOR_R, SaguaroPolicy
+    from saguaro.ssd.options import SSDOptions
+
+    o = SSDOptions.of(fanout="uniform", lookup_min_match=0, draft_cores=[3])
+    assert (o.fanout_shape, o.prompt_lookup_min_match, o.draft_cores) == ("uniform", 0, (3,))
+    assert SSDOptions().acceptance == SaguaroPolicy(4, 15).acceptance == PRIOR_ACCEPTANCE  # one prior
+    assert SSDOptions().r == SaguaroPolicy(4, 15).r == PRIOR_R
+    for bad, flag in [({"acceptance": 1.0}, "--acceptance"), ({"saguaro_c": 2}, "--saguaro-c"),
+                      ({"worker_timeout": 0}, "--worker-timeout"), ({"fallback": "x"}, "--fallback"),
+                      ({"draft_worker": "nohost"}, "--draft-worker"), ({"lookup_min_match": -1}, "--lookup-min-match")]:
+        with pytest.raises(ValueError, match=flag):
+            SSDOptions.of(**bad)
+    with pytest.raises(TypeError, match="unknown"):
+        SSDOptions.of(fan_out=3)
+    assert SSDOptions.of(draft_worker="10.0.0.2:7070").draft_worker == "10.0.0.2:7070"
+
+
+def test_drafters_conform_to_the_protocol():
+    from tests.tiny import tiny_model
+
+    from saguaro.analyses.recorder import RoundRecorder
+    from saguaro.ssd.client import RemoteDrafter
+    from saguaro.ssd.drafter import SSDDrafter
+    from saguaro.ssd.protocol import Drafter, LocalDrafter
+
+    local = LocalDrafter(SSDDrafter(tiny_model(0), 32, 2, [2, 1, 1], fallback="ngram"))
+    assert isinstance(local, Drafter)
+    assert local.fixed_policy().fanout == [2, 1, 1] and local.fixed_policy().next_fallback(8) == "ngram"
+    calls = ("prefill", "respond", "build_tree", "finish_tree", "retire", "close")
+    for cls in (RemoteDrafter, RoundRecorder):  # structural: neither inherits from Drafter
+        assert all(callable(getattr(cls, name, None)) for name in calls), cls
+    assert isinstance(RoundRecorder(type("E", (), {"drafter": local, "totals": {}})()), Drafter)

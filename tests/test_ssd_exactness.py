@@ -20,7 +20,7 @@ from tests.tiny import perturbed, tiny_model
 def ssd_engine(target, draft, k, fanout, fallback="neural", c=1.0, vocab=VOCAB, max_batch=64, lookup_min_match=0):
     drafter = SSDDrafter(draft, vocab, k, fanout, c=c, fallback=fallback)
     return SSDEngine(target, LocalDrafter(drafter), k, STOP if vocab == VOCAB else set(), max_batch_size=max_batch,
-                     lookup_min_match=lookup_min_match)
+                     prompt_lookup_min_match=lookup_min_match)
 
 
 @pytest.mark.parametrize("fallback", ["neural", "ngram", "none"])

@@ -143,8 +143,8 @@ def test_worker_timeout_flag_reaches_the_engine_options():
     from saguaro.ssd.client import WORKER_TIMEOUT_S
 
     parse = build_parser().parse_args
-    assert ssd_options(parse(["generate", "--mode", "ssd", "--worker-timeout", "3.5", "x"]))["worker_timeout"] == 3.5
-    assert "worker_timeout" not in ssd_options(parse(["generate", "x"]))  # the client's default applies
+    assert ssd_options(parse(["generate", "--mode", "ssd", "--worker-timeout", "3.5", "x"])).worker_timeout == 3.5
+    assert ssd_options(parse(["generate", "x"])).worker_timeout is None  # the client's default applies
     assert 5 <= WORKER_TIMEOUT_S <= 30
     with pytest.raises(UsageError, match="worker-timeout"):
         ssd_options(parse(["generate", "--worker-timeout", "0", "x"]))

@@ -114,8 +114,8 @@ def test_ngram_matcher_searches_longer_suffixes_on_request():
 def test_lookup_min_match_above_three_still_looks_up(min_match, want):
     k = 2
     drafter = SSDDrafter(tiny_model(0), 32, k, [2, 1, 1])
-    drafter.set_policy([2, 1, 1], "neural", lookup_min_match=min_match)
-    spec = drafter._lookup(DraftRow(0, SamplingParams(temperature=0), list(TOKENS), None), cached=False)
+    drafter.set_policy([2, 1, 1], "neural", prompt_lookup_min_match=min_match)
+    spec = drafter._prompt_lookup(DraftRow(0, SamplingParams(temperature=0), list(TOKENS), None), cached=False)
     assert (spec.tokens if spec is not None else None) == want
     if spec is not None:
         assert spec.source == "lookup" and spec.q is None

@@ -90,3 +90,16 @@ def test_channel_notices_an_exit_before_connecting_at_once():
     with pytest.raises(ChannelError, match="3"):
         end.wait_for(HELLO, 60, lambda: None if child.poll() is None else f"exited with {child.returncode}")
     assert time.monotonic() - t0 < 2
+
+
+def test_hello_through_the_store_bytes():
+    """The engine's settings travel as bytes in the store, before the channel exists (no pickle)."""
+    import pytest
+
+    from saguaro.ssd.wire import Hello, from_bytes, to_bytes
+
+    hello = Hello(3, [4, 2, 1, 1], 49152, "bfloat16", 0.5, "ngram", "10.0.0.7")
+    assert from_bytes(to_bytes(hello)) == hello
+    assert from_bytes(to_bytes(Ready(4, 8192))) == Ready(4, 8192)
+    with pytest.raises(ValueError, match="tensor"):
+        to_bytes(Speculations([[1]], [True], [0], torch.rand(1, 1, 3)))

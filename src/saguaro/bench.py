@@ -22,6 +22,7 @@ from tqdm import tqdm
 from saguaro.engine.sequence import Sequence
 from saguaro.prompts import load_prompts
 from saguaro.sampling import SamplingParams
+from saguaro.ssd.options import SSDOptions
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class PeerBenchRunner:
         self.runner.close()
 
 
-def make_runners(llm, modes: list[str], k: int, draft, ssd_options: dict) -> dict:
+def make_runners(llm, modes: list[str], k: int, draft, ssd: SSDOptions | None = None) -> dict:
     runners = {}
     hf_target = None
     for spec in modes:
@@ -101,8 +102,8 @@ def make_runners(llm, modes: list[str], k: int, draft, ssd_options: dict) -> dic
                 mode, llm.target_path, llm.tokenizer.stop_token_ids, threads=torch.get_num_threads(),
                 n_ctx=llm.target.config.max_position))
         else:
-            options = ssd_options if mode == "ssd" else {}
-            runners[spec] = EngineRunner(llm.make_engine(mode, spec_draft or draft, k, **options))
+            engine = llm.make_engine(mode, spec_draft or draft, k, ssd=ssd if mode == "ssd" else None)
+            runners[spec] = EngineRunner(engine)
     return runners
 
 
@@ -173,8 +174,9 @@ def add_ratios(results: dict, raw: dict, modes: list[str], greedy: bool) -> None
 
 def bench(llm, modes: list[str], datasets: list[str], num_prompts: int, max_tokens: int,
           temperature: float = 0.0, k: int = 4, draft: str | None = None, seed: int = 0, batch_size: int = 1,
-          **ssd_options) -> dict:
-    runners = make_runners(llm, modes, k, draft, ssd_options)
+          ssd: SSDOptions | None = None) -> dict:
+    ssd = ssd or SSDOptions()
+    runners = make_runners(llm, modes, k, draft, ssd)
     prompts = {d: [llm.tokenizer.encode_chat([{"role": "user", "content": p}])
                    for p in load_prompts(d, "eval")[:num_prompts]] for d in datasets}
     batches = {d: [list(range(i, min(i + batch_size, len(prompts[d]))))
@@ -208,7 +210,7 @@ def bench(llm, modes: list[str], datasets: list[str], num_prompts: int, max_toke
         "config": {"modes": modes, "datasets": datasets, "num_prompts": num_prompts, "max_tokens": max_tokens,
                    "temperature": temperature, "k": k, "batch_size": batch_size, "seed": seed,
                    "threads": torch.get_num_threads(),
-                   "ssd": {key: v for key, v in ssd_options.items()} if "ssd" in modes else None},
+                   "ssd": ssd.as_json() if "ssd" in modes else None},
         "results": results,
     }
 

@@ -8,6 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from saguaro.ssd.options import (FALLBACK_CHOICES, FANOUT_SHAPES, PRIOR_ACCEPTANCE, PRIOR_R, PROMPT_LOOKUP_MIN_MATCH,
+                                 SSDOptions)
+
 log = logging.getLogger("saguaro")
 
 
@@ -48,23 +51,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--fanout-budget", "--fan-out-budget", dest="fanout_budget", type=_positive_int,
                    help="branches pre-drafted per round (default: start at 3(K+1), resized so the tree takes "
                         "~80%% of a verification)")
-    s.add_argument("--fanout", choices=["geometric", "uniform"], default="geometric")
-    s.add_argument("--acceptance", type=float, default=0.6, help="prior a_p used to shape the fan-out")
-    s.add_argument("--power-r", type=float, default=0.5, help="prior miss-rate exponent r used to shape the fan-out")
+    s.add_argument("--fanout", choices=FANOUT_SHAPES, default=FANOUT_SHAPES[0],
+                   help="how the branch budget spreads over outcome positions")
+    s.add_argument("--acceptance", type=float, default=PRIOR_ACCEPTANCE,
+                   help=f"prior a_p used to shape the fan-out (default: {PRIOR_ACCEPTANCE})")
+    s.add_argument("--power-r", type=float, default=PRIOR_R,
+                   help=f"prior miss-rate exponent r used to shape the fan-out (default: {PRIOR_R})")
     s.add_argument("--fixed-fanout", action="store_true", help="keep a_p and r at the priors (no online fit)")
     s.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling C in [0, 1] (1 = plain)")
-    s.add_argument("--fallback", choices=["auto", "neural", "ngram", "none"], default="auto",
+    s.add_argument("--fallback", choices=FALLBACK_CHOICES, default="auto",
                    help="on a cache miss: auto picks neural or ngram per round from measured costs (b*)")
     s.add_argument("--no-worker", action="store_true", help="run the drafter in this process (no overlap)")
-    s.add_argument("--lookup-min-match", type=int, default=3,
+    s.add_argument("--lookup-min-match", type=int, default=PROMPT_LOOKUP_MIN_MATCH,
                    help="greedy rows whose last N tokens occurred before take the prompt-lookup continuation "
-                        "ahead of the cache (default: 3; 0: off)")
+                        f"ahead of the cache (default: {PROMPT_LOOKUP_MIN_MATCH}; 0: off)")
     s.add_argument("--draft-cores", type=_core_list,
                    help="CPU cores for the draft worker, e.g. 6,7 (default: the last core); the target keeps the rest")
     s.add_argument("--draft-threads", type=_positive_int, help="torch threads of the draft worker (default: its cores)")
     s.add_argument("--worker-timeout", type=float,
                    help="seconds to wait for one answer of the draft worker before finishing with a local "
                         "draft (default: 10, a few seconds past the slowest expected round)")
+    s.add_argument("--draft-worker", metavar="HOST:PORT",
+                   help="attach to a draft worker started with `saguaro draft-worker --listen HOST:PORT` instead "
+                        "of spawning one (its secret: $SAGUARO_WORKER_TOKEN)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -89,28 +98,35 @@ def sampling_params(args):
         raise UsageError(str(e)) from None
 
 
-def ssd_options(args) -> dict:
-    if not 0 <= args.saguaro_c <= 1:
-        raise UsageError(f"--saguaro-c must be in [0, 1], got {args.saguaro_c}")
-    if not 0 < args.acceptance < 1:
-        raise UsageError(f"--acceptance must be in (0, 1), got {args.acceptance}")
-    if args.lookup_min_match < 0:
-        raise UsageError(f"--lookup-min-match must be >= 0, got {args.lookup_min_match}")
-    if args.worker_timeout is not None and args.worker_timeout <= 0:
-        raise UsageError(f"--worker-timeout must be > 0, got {args.worker_timeout}")
-    timeout = {} if args.worker_timeout is None else {"worker_timeout": args.worker_timeout}  # default: the client's
-    return dict(fanout_budget=args.fanout_budget or 0, fanout=args.fanout, acceptance=args.acceptance,
-                r=args.power_r, saguaro_c=args.saguaro_c, fallback=args.fallback, worker=not args.no_worker,
-                fit=not args.fixed_fanout, draft_cores=args.draft_cores, draft_threads=args.draft_threads,
-                lookup_min_match=args.lookup_min_match, **timeout)
+def ssd_options(args):
+    """The SSD options of the command line (an SSDOptions), a bad value reported as a UsageError."""
+    if args.draft_worker:
+        from saguaro.ssd.channel import parse_address
+
+        if args.no_worker:
+            raise UsageError("--draft-worker and --no-worker contradict each other")
+        try:
+            parse_address(args.draft_worker)
+        except ValueError as e:
+            raise UsageError(f"--draft-worker: {e}") from None
+    try:
+        return SSDOptions(fanout_budget=args.fanout_budget or 0, fanout_shape=args.fanout, acceptance=args.acceptance,
+                          r=args.power_r, saguaro_c=args.saguaro_c, fallback=args.fallback, worker=not args.no_worker,
+                          fit=not args.fixed_fanout, draft_cores=args.draft_cores, draft_threads=args.draft_threads,
+                          prompt_lookup_min_match=args.lookup_min_match, worker_timeout=args.worker_timeout,
+                          draft_worker=args.draft_worker or None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def make_llm(args):
     from saguaro.llm import LLM
 
-    ssd = ssd_options(args) if args.mode in ("ssd", "auto") else {}
+    if getattr(args, "draft_worker", None) and args.mode not in ("ssd", "auto"):
+        raise UsageError(f"--draft-worker drafts for SSD: use --mode ssd or auto, not {args.mode}")
+    ssd = ssd_options(args) if args.mode in ("ssd", "auto") else None
     return LLM(args.target, mode=args.mode, draft=args.draft, k=args.k, dtype=args.dtype,
-               device=args.device, threads=args.threads, **ssd)
+               device=args.device, threads=args.threads, ssd=ssd)
 
 
 def cmd_generate(args) -> None:
@@ -165,7 +181,7 @@ def cmd_bench(args) -> None:
     bench.check_modes(modes)
     with make_llm(llm_args) as llm:
         report = bench.bench(llm, modes, args.datasets.split(","), args.num_prompts, args.max_tokens,
-                             args.temperature, args.k, args.draft, args.seed, args.batch_size, **ssd_options(args))
+                             args.temperature, args.k, args.draft, args.seed, args.batch_size, ssd=ssd_options(args))
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
@@ -202,6 +218,13 @@ def cmd_chat(args) -> None:
         run_chat(llm, params, show_metrics=args.metrics, system=args.system)
 
 
+def cmd_draft_worker(args) -> None:
+    from saguaro.ssd.worker import listen
+
+    logging.getLogger("saguaro.ssd").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    listen(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saguaro", description="Exact speculative (and SSD) decoding.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -233,11 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_args(b)
     b.set_defaults(func=cmd_bench)
 
-    w = sub.add_parser("draft-worker", help="run an SSD draft worker (normally spawned by the engine)")
-    from saguaro.ssd.worker import worker_parser
+    w = sub.add_parser("draft-worker", help="serve SSD drafting to engines that attach with --draft-worker HOST:PORT")
+    from saguaro.ssd.worker import listen_parser
 
-    worker_parser(w)
-    w.set_defaults(func=lambda a: __import__("saguaro.ssd.worker", fromlist=["serve"]).serve(a))
+    listen_parser(w)
+    w.set_defaults(func=cmd_draft_worker)
 
     d = sub.add_parser("distill", help="distill a small draft model from a target")
     d.add_argument("--target", help="target checkpoint (default: embedded SmolLM2-135M)")
@@ -299,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from saguaro.engine.base import ContextLengthError
     from saguaro.loader import CheckpointError
+    from saguaro.ssd.client import WorkerError
 
     try:
         args.func(args)
-    except (UsageError, CheckpointError, ContextLengthError, FileNotFoundError, ValueError, TypeError) as e:
+    except (UsageError, CheckpointError, ContextLengthError, WorkerError, FileNotFoundError, ValueError,
+            TypeError) as e:
         print(f"saguaro: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

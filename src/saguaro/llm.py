@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from saguaro.engine.sequence import Sequence
 from saguaro.loader import load_model, resolve_checkpoint
 from saguaro.sampling import SamplingParams
 from saguaro.serve.detokenizer import StopStrings
+from saguaro.ssd.options import SSDOptions
 from saguaro.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,13 @@ class RequestOutput:
         return self.outputs[0].token_ids
 
 
-def auto_mode(has_draft: bool, device: str, cores: int, gpus: int) -> str:
+def auto_mode(has_draft: bool, device: str, cores: int, gpus: int, remote_worker: bool = False) -> str:
     """What mode="auto" runs: SSD when there is a neural draft and a second core (or GPU) for it to
-    run on beside the target, else AR. (On one shared core SD was level with AR in our benchmark,
-    0.95-1.05x, so the simpler path is kept; see README.)"""
+    run on beside the target, or a draft worker started by hand to attach to, else AR. (On one
+    shared core SD was level with AR in our benchmark, 0.95-1.05x, so the simpler path is kept; see README.)"""
     if not has_draft:
         return "ar"
-    spare = gpus > 1 if device.startswith("cuda") else cores > 1
+    spare = remote_worker or (gpus > 1 if device.startswith("cuda") else cores > 1)
     return "ssd" if spare else "ar"
 
 
@@ -62,15 +63,20 @@ class LLM:
     else AR), "ar", "sd" or "ssd".
     draft: a checkpoint path, "ngram" for the model-free prompt-lookup speculator, or None for the
     embedded distilled draft.
+    ssd: the SSD options (modes "ssd" and "auto"); keyword arguments such as `fanout_budget=8` or
+    `worker_timeout=5` change single fields of it (see SSDOptions).
+    draft_worker="HOST:PORT" (SSD): attach to a worker started with `saguaro draft-worker --listen`
+    instead of spawning one; worker_token: its secret (default: $SAGUARO_WORKER_TOKEN).
     """
 
     def __init__(self, model: str | Path | None = None, mode: str = "auto", draft: str | Path | None = None,
                  k: int = 4, dtype: str = "float32", device: str = "cpu", threads: int | None = None,
-                 max_batch_size: int = 64, **engine_options):
+                 max_batch_size: int = 64, ssd: SSDOptions | None = None, **ssd_changes):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        ssd = SSDOptions.of(ssd, **ssd_changes)  # bad options fail here, before any loading
         if threads:
             torch.set_num_threads(threads)
         if mode == "auto":
@@ -78,26 +84,30 @@ class LLM:
 
             neural_draft = draft not in (None, "ngram") or (model is None and embedded_draft_path() is not None)
             gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
-            mode = auto_mode(neural_draft, device, len(available_cores()), gpus)
+            mode = auto_mode(neural_draft, device, len(available_cores()), gpus,
+                             remote_worker=ssd.draft_worker is not None)
             log.info("mode auto: running %s", "SSD or AR round by round (engine/auto.py)" if mode == "ssd" else mode)
             if mode == "ssd":  # speculation only in the rounds where it measured faster than AR
-                engine_options["auto"] = True
-        self.mode = "auto" if engine_options.get("auto") else mode
+                ssd = replace(ssd, auto=True)
+        self.mode = "auto" if ssd.auto else mode
         target_path = Path(model) if model is not None else embedded_target_path()
         self.target_path = target_path
         self.target = load_model(target_path, dtype=DTYPES[dtype], device=device)
         self.tokenizer = Tokenizer.load(resolve_checkpoint(target_path), self.target.config.eos_token_ids)
-        self.engine = self.make_engine(mode, draft, k, max_batch_size, **engine_options)
+        self.engine = self.make_engine(mode, draft, k, max_batch_size, ssd)
 
-    def make_engine(self, mode: str, draft=None, k: int = 4, max_batch_size: int = 64, **options) -> Engine:
-        """An engine of another mode over this LLM's target and tokenizer (benchmarks compare several)."""
+    def make_engine(self, mode: str, draft=None, k: int = 4, max_batch_size: int = 64, ssd: SSDOptions | None = None,
+                    **ssd_changes) -> Engine:
+        """An engine of another mode over this LLM's target and tokenizer (benchmarks compare several);
+        ssd and ssd_changes as in `LLM`."""
         stop = self.tokenizer.stop_token_ids
         if mode == "ar":
             return AREngine(self.target, stop, max_batch_size=max_batch_size)
         from saguaro.engine.speculative import make_speculative_engine
 
         return make_speculative_engine(mode, self.target, self.tokenizer, draft, k, stop, max_batch_size,
-                                       default_draft=embedded_draft_path(), target_path=self.target_path, **options)
+                                       default_draft=embedded_draft_path(), target_path=self.target_path,
+                                       ssd=SSDOptions.of(ssd, **ssd_changes))
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:

@@ -7,6 +7,7 @@ Nothing here unpickles: weights come only from safetensors or GGUF.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from saguaro.models.transformer import CausalLM
 log = logging.getLogger(__name__)
 
 CONVERSION_VERSION = 1
+EMBEDDINGS = "model.embed_tokens.weight"
 
 
 class CheckpointError(ValueError):
@@ -64,6 +66,30 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of an HF directory, read alone (the others stay on disk)."""
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                if name in sf.keys():
+                    return sf.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+    raise CheckpointError(f"{path}: checkpoint lacks tensor {name!r}")
+
+
+def load_embeddings(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu") -> tuple[torch.Tensor, int]:
+    """A checkpoint's input embeddings and vocabulary size, without loading the rest of it
+    (what a draft that borrows its target's embeddings needs of the target)."""
+    p = resolve_checkpoint(path)
+    try:
+        vocab = ModelConfig.from_hf(read_hf_config(p)).vocab_size
+    except KeyError as e:
+        raise CheckpointError(f"{p}: config.json lacks {e}") from None
+    return read_tensor(p, EMBEDDINGS).to(device=device, dtype=dtype), vocab
+
+
 def to_internal_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename HF tensors to our modules, fusing q/k/v and gate/up into single matmuls."""
     out: dict[str, torch.Tensor] = {}
@@ -74,8 +100,8 @@ def to_internal_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> 
         except KeyError:
             raise CheckpointError(f"checkpoint lacks tensor {name!r}") from None
 
-    if "model.embed_tokens.weight" in hf:  # absent from drafts that borrow the target's embeddings
-        out["embed.weight"] = take("model.embed_tokens.weight")
+    if EMBEDDINGS in hf:  # absent from drafts that borrow the target's embeddings
+        out["embed.weight"] = take(EMBEDDINGS)
     out["norm.weight"] = take("model.norm.weight")
     if "lm_head.weight" in hf:
         out["lm_head.weight"] = take("lm_head.weight")
@@ -103,24 +129,42 @@ def to_internal_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> 
     return out
 
 
+@contextlib.contextmanager
+def _no_embedding_init():
+    """Build embeddings without a random init (their weights are replaced at once): on the meta
+    device torch's normal_ imports torch._dynamo, 1.5 s of CPU for nothing."""
+    reset = torch.nn.Embedding.reset_parameters
+    torch.nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        torch.nn.Embedding.reset_parameters = reset
+
+
 def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                embeddings_from: CausalLM | None = None) -> CausalLM:
+                embeddings_from: CausalLM | None = None, embeddings: torch.Tensor | None = None) -> CausalLM:
+    """embeddings_from / embeddings: where a draft without embeddings takes them (a target model, or
+    its embedding matrix alone, already in `dtype` on `device`)."""
+    if embeddings is None and embeddings_from is not None:
+        embeddings = embeddings_from.embed.weight
+    elif embeddings is not None and not isinstance(embeddings, torch.nn.Parameter):
+        embeddings = torch.nn.Parameter(embeddings, requires_grad=False)
     hf_config = read_hf_config(path)
     try:
         config = ModelConfig.from_hf(hf_config)
     except KeyError as e:
         raise CheckpointError(f"{path}: config.json lacks {e}") from None
     weights = to_internal_state_dict(read_safetensors(path), config)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_embedding_init():
         model = CausalLM(config)
     model.load_state_dict(weights, strict=False, assign=True)
     if "embed.weight" not in weights:
-        if embeddings_from is None or not hf_config.get("saguaro_embeddings_from_target"):
-            raise CheckpointError(f"{path}: checkpoint lacks model.embed_tokens.weight")
-        if embeddings_from.embed.weight.shape != model.embed.weight.shape:
+        if embeddings is None or not hf_config.get("saguaro_embeddings_from_target"):
+            raise CheckpointError(f"{path}: checkpoint lacks {EMBEDDINGS}")
+        if embeddings.shape != model.embed.weight.shape:
             raise CheckpointError(f"{path}: its embeddings must come from a target of width "
                                   f"{config.hidden_size} and vocabulary {config.vocab_size}")
-        model.embed.weight = embeddings_from.embed.weight
+        model.embed.weight = embeddings
     if config.tie_embeddings and not config.output_token_ids:
         model.lm_head.weight = model.embed.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -130,8 +174,8 @@ def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, device: str = "c
     if model.output_token_ids is not None:
         model.output_token_ids = torch.tensor(config.output_token_ids, dtype=torch.long)
     model = model.to(device=device, dtype=dtype).eval()
-    if embeddings_from is not None and "embed.weight" not in weights:
-        model.embed.weight = embeddings_from.embed.weight  # share storage, whatever `to` did
+    if embeddings is not None and "embed.weight" not in weights:
+        model.embed.weight = embeddings  # share storage, whatever `to` did
     return model
 
 
@@ -258,6 +302,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               embeddings_from: CausalLM | None = None) -> CausalLM:
-    """Load a checkpoint; a draft that borrows its target's embeddings takes them from `embeddings_from`."""
-    return load_hf_dir(resolve_checkpoint(path), dtype=dtype, device=device, embeddings_from=embeddings_from)
+               embeddings_from: CausalLM | None = None, embeddings: torch.Tensor | None = None) -> CausalLM:
+    """Load a checkpoint; a draft that borrows its target's embeddings takes them from `embeddings_from`
+    (the target) or `embeddings` (its matrix alone, see load_embeddings)."""
+    return load_hf_dir(resolve_checkpoint(path), dtype=dtype, device=device, embeddings_from=embeddings_from,
+                       embeddings=embeddings)

@@ -68,7 +68,7 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--temperatures", type=_floats, default=[0.0, 0.7, 1.0], help="(d), (e) temperatures")
 
 
-def options_from_args(args, ssd: dict):
+def options_from_args(args, ssd):
     """AnalysisOptions from `saguaro bench` arguments (ssd: the validated SSD options)."""
     from pathlib import Path
 
@@ -83,7 +83,7 @@ def options_from_args(args, ssd: dict):
     return AnalysisOptions(
         out_dir=Path(args.out_dir), datasets=args.datasets.split(","), num_prompts=args.num_prompts,
         max_tokens=args.max_tokens, k=args.k, seed=args.seed, temperature=args.temperature, draft=args.draft,
-        worker=ssd["worker"], fanout_budget=ssd["fanout_budget"], acceptance=ssd["acceptance"], r=ssd["r"],
+        worker=ssd.worker, fanout_budget=ssd.fanout_budget, acceptance=ssd.acceptance, r=ssd.r,
         max_fanout=args.max_fanout, c_values=args.c_values, batch_sizes=args.batch_sizes, ks=args.ks,
         fanout_sizes=args.fanout_sizes, temperatures=args.temperatures,
     )

@@ -22,6 +22,7 @@ from saguaro.bench import EngineRunner, run_batch, summarize
 from saguaro.engine.ssd_setup import available_cores
 from saguaro.prompts import load_prompts
 from saguaro.sampling import SamplingParams
+from saguaro.ssd.online import PRIOR_ACCEPTANCE, PRIOR_R
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ class AnalysisOptions:
     draft: str | None = None
     worker: bool = True  # False (--no-worker): timed runs in-process as well
     fanout_budget: int = 0  # 0: 3(K+1)
-    acceptance: float = 0.6  # priors that shape the geometric fan-out
-    r: float = 0.5
+    acceptance: float = PRIOR_ACCEPTANCE  # priors that shape the geometric fan-out
+    r: float = PRIOR_R
     max_fanout: int = 16  # (a)
     c_values: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # (b)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # (c)
@@ -63,9 +64,9 @@ def ssd_engine(llm, opts: AnalysisOptions, *, k: int | None = None, budget: int 
     """An SSD engine with a fixed fan-out shape and fallback (the online fit is off), and no prompt
     lookup ahead of the cache: the analyses study the paper's mechanisms alone."""
     return llm.make_engine("ssd", opts.draft, k or opts.k, max_batch_size,
-                           fanout_budget=opts.fanout_budget if budget is None else budget, fanout=shape,
+                           fanout_budget=opts.fanout_budget if budget is None else budget, fanout_shape=shape,
                            acceptance=opts.acceptance, r=opts.r, saguaro_c=c, fallback=fallback,
-                           worker=worker, fit=False, lookup_min_match=0)
+                           worker=worker, fit=False, prompt_lookup_min_match=0)
 
 
 def fanout_of(engine) -> list[int] | None:

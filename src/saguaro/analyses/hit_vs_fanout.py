@@ -9,6 +9,8 @@ target's token; at k < K the draft's own token is excluded, as a rejection never
 Fits (scipy curve_fit, least squares on the miss rate): the paper's one-parameter form
 1 - p_hit = F^-r per position and pooled, and, as a diagnostic, the two-parameter a F^-r (the
 one-parameter form forces a miss at F = 1, which a draft that is sometimes right does not show).
+Beside them, `r_online`: what the engine's own fit (ssd.online.fit_power_law) makes of the same
+lookups, so the JSON shows the r the online policy would use.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from matplotlib.ticker import FormatStrFormatter
 from saguaro.analyses.common import AnalysisOptions, chat_prompts, run_prompts, ssd_engine, write_outputs
 from saguaro.analyses.recorder import RoundRecorder
 from saguaro.bench_plot import new_figure
+from saguaro.ssd.online import fit_power_law
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,13 @@ def hit_curve(ranks: list[int | None], max_fanout: int) -> list[float]:
     return [sum(r is not None and r < f for r in ranks) / n for f in range(1, max_fanout + 1)]
 
 
-def fit_power_law(fanouts: list[int], miss: list[float]) -> dict:
-    """r of 1 - p_hit = F^-r, and (a, r) of 1 - p_hit = a F^-r; None where the data cannot say."""
+def fit_miss_curve(fanouts: list[int], miss: list[float]) -> dict:
+    """r of 1 - p_hit = F^-r, and (a, r) of 1 - p_hit = a F^-r; None where the data cannot say.
+
+    Not the online policy's estimator on purpose: this one fits a whole measured curve (every F up to
+    F_max, from one wide run) in the miss rate's own scale, for the plot; the policy's
+    (ssd.online.fit_power_law) fits raw hit counts at the few fan-outs it ran, in log space, cheaply
+    and without scipy. `online_r` gives the latter from the same ranks."""
     from scipy.optimize import curve_fit
 
     x, y = np.asarray(fanouts, float), np.asarray(miss, float)
@@ -51,6 +59,13 @@ def fit_power_law(fanouts: list[int], miss: list[float]) -> dict:
     except (RuntimeError, ValueError) as e:  # no convergence on a degenerate curve
         log.warning("power-law fit failed: %s", e)
     return out
+
+
+def online_r(ranks: list[int | None], fanouts: list[int]) -> float | None:
+    """The online policy's r from these lookups, as if each had been made at every fan-out F."""
+    lookups = {f: len(ranks) for f in fanouts}
+    hits = {f: sum(r is not None and r < f for r in ranks) for f in fanouts}
+    return fit_power_law(lookups, hits)
 
 
 def run(llm, opts: AnalysisOptions) -> dict:
@@ -69,13 +84,15 @@ def run(llm, opts: AnalysisOptions) -> dict:
             continue
         hit = hit_curve(ranks, fmax)
         positions[str(pos)] = {"lookups": len(ranks), "hit_rate": hit,
-                               "fit": fit_power_law(fanouts, [1 - h for h in hit])}
+                               "fit": fit_miss_curve(fanouts, [1 - h for h in hit]),
+                               "r_online": online_r(ranks, fanouts)}
     all_ranks = [lk.rank for lk in recorder.lookups]
     pooled = hit_curve(all_ranks, fmax) if all_ranks else []
     data = {
         "temperature": opts.temperature, "k": k, "fanouts": fanouts, "positions": positions,
         "pooled": {"lookups": len(all_ranks), "hit_rate": pooled,
-                   "fit": fit_power_law(fanouts, [1 - h for h in pooled]) if pooled else None},
+                   "fit": fit_miss_curve(fanouts, [1 - h for h in pooled]) if pooled else None,
+                   "r_online": online_r(all_ranks, fanouts) if all_ranks else None},
         "run": summary,
     }
     return write_outputs(NAME, data, plot(data), opts) | {"data": data}

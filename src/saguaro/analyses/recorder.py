@@ -14,6 +14,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from saguaro.ssd.protocol import Drafter, LocalDrafter
+
 
 @dataclass
 class Lookup:
@@ -35,10 +37,12 @@ def _mean(values) -> float | None:
 
 
 class RoundRecorder:
-    """Install with `RoundRecorder(engine)`: it takes the place of `engine.drafter` and forwards every call."""
+    """Install with `RoundRecorder(engine)`: it takes the place of `engine.drafter` (a Drafter itself)
+    and forwards every call."""
 
     def __init__(self, engine):
-        self.engine, self.inner = engine, engine.drafter
+        self.engine = engine
+        self.inner: Drafter = engine.drafter
         engine.drafter = self
         self.base = dict(engine.totals)  # engine totals before recording (warm-up excluded)
         self.row_ids: list[int] = []
@@ -48,8 +52,19 @@ class RoundRecorder:
         self.tree_times: list[float] = []  # not `tree_s`: the engine reads that from the drafter
         self.miss_respond_times: list[float] = []  # responses that had to draft for a miss
 
-    def __getattr__(self, name):  # tree_s of the worker, finish_tree, close, ...
-        return getattr(self.inner, name)
+    @property
+    def tree_s(self) -> float:
+        return self.inner.tree_s
+
+    @property
+    def fallback_s(self) -> float:
+        return self.inner.fallback_s
+
+    def finish_tree(self) -> None:
+        self.inner.finish_tree()
+
+    def close(self) -> None:
+        self.inner.close()
 
     def prefill(self, seq_ids, prompts, params, seeds) -> None:
         self.inner.prefill(seq_ids, prompts, params, seeds)
@@ -57,7 +72,7 @@ class RoundRecorder:
         self.current += [None] * len(seq_ids)
 
     def _ranks(self, outcomes) -> list[int | None]:
-        rows = getattr(getattr(self.inner, "drafter", None), "rows", None)  # in-process drafter only
+        rows = self.inner.drafter.rows if isinstance(self.inner, LocalDrafter) else None  # in-process only
         ranks = []
         for i, outcome in enumerate(outcomes):
             if outcome is None or rows is None:

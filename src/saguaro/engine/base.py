@@ -16,6 +16,7 @@ from saguaro.engine.sequence import Sequence
 from saguaro.kv_cache import KVCache
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import sample, target_probs
+from saguaro.speculators.base import right_pad
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,7 @@ class Engine:
 
     def prefill(self, seqs: list[Sequence]) -> None:
         """Prefill new sequences as one padded batch, sample each one's first token, join the batch."""
-        lengths = torch.tensor([len(s.prompt_ids) for s in seqs])
-        width = int(lengths.max())
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        ids, lengths = right_pad([s.prompt_ids for s in seqs])
         capacity = max(len(s.prompt_ids) + s.params.max_tokens for s in seqs) + 2 * self.lookahead + 1
         cache = self.target.new_cache(len(seqs), capacity)
         logits = self.target(ids.to(self.target.device), cache, logits_at=(lengths - 1)[:, None])[:, 0]

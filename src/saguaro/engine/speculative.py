@@ -15,6 +15,7 @@ from saguaro.models.transformer import CausalLM
 from saguaro.sampling import target_probs
 from saguaro.speculators import NeuralSpeculator, NgramSpeculator, Speculator
 from saguaro.speculators.draft import check_vocabulary, load_draft
+from saguaro.ssd.options import SSDOptions
 
 __all__ = ["SDEngine", "check_vocabulary", "load_draft", "make_speculative_engine"]  # the draft loaders: old path
 
@@ -72,7 +73,7 @@ class SDEngine(Engine):
 
 
 def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_size, default_draft=None,
-                            target_path=None, **ssd_options):
+                            target_path=None, ssd: SSDOptions | None = None):
     if draft == "ngram":
         if mode == "ssd":
             raise ValueError("SSD pre-drafts with a neural draft; --draft ngram is for sd (or --fallback ngram)")
@@ -85,5 +86,5 @@ def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_s
         speculator = NeuralSpeculator(load_draft(path, target, tokenizer), target.config.vocab_size)
         return SDEngine(target, speculator, k, stop, max_batch_size)
     if mode == "ssd":
-        return make_ssd_engine(target, tokenizer, path, target_path, k, stop, max_batch_size, **ssd_options)
+        return make_ssd_engine(target, tokenizer, path, target_path, k, stop, max_batch_size, ssd)
     raise ValueError(f"unknown mode {mode!r}")

@@ -1,9 +1,9 @@
 """SSD: the target verifies speculation T while the drafter pre-drafts speculation T+1 for the
 likeliest outcomes. Verification is the same `verify` as SD, so the output stays exact.
 
-The engine talks to a drafter through four calls (prefill, respond, build_tree, retire). The
-in-process `LocalDrafter` runs them in place (for tests, and where no second core exists); the
-worker client runs them in another process, where build_tree overlaps the target's forward.
+The engine talks to its drafter through `ssd.protocol.Drafter`: the in-process `LocalDrafter` runs
+the calls in place (for tests, and where no second core exists); `ssd.client.RemoteDrafter` runs them
+in a worker process, where the tree is built while the target verifies.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from saguaro.engine.verify import verify
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import target_probs
 from saguaro.ssd.client import WorkerError
-from saguaro.ssd.drafter import Speculation, SSDDrafter
+from saguaro.ssd.drafter import Speculation
 from saguaro.ssd.online import SaguaroPolicy
+from saguaro.ssd.protocol import Drafter, LocalDrafter
+
+__all__ = ["CoreSplit", "LocalDrafter", "SSDEngine"]  # LocalDrafter lives in ssd.protocol
 
 log = logging.getLogger(__name__)
 
@@ -41,55 +44,38 @@ class CoreSplit:
         return self.all_threads if alone else self.shared_threads
 
     def pin_target(self, alone: bool) -> None:
+        """Every thread of this process, not only the caller: a server's event loop left on the
+        worker's core, or on one core beside two compute threads, cost ~10% at one client."""
         if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, self.all_cores if alone else self.shared_cores)
+            cores = self.all_cores if alone else self.shared_cores
+            for tid in _threads():
+                try:
+                    os.sched_setaffinity(tid, cores)
+                except OSError:  # a thread that ended meanwhile
+                    pass
         torch.set_num_threads(self.threads(alone))
 
 
-class LocalDrafter:
-    """The drafter in this process: build_tree runs before verification instead of beside it."""
-
-    def __init__(self, drafter: SSDDrafter):
-        self.drafter = drafter
-        self.tree_s = self.fallback_s = 0.0
-
-    def prefill(self, seq_ids, prompts, params, seeds) -> None:
-        self.drafter.prefill(seq_ids, prompts, params, seeds)
-
-    def respond(self, outcomes, new_tokens, fanout: list[int], fallback: str,
-                lookup_min_match: int = 0) -> list[Speculation]:
-        self.drafter.set_policy(fanout, fallback, lookup_min_match)
-        self.tree_s = self.drafter.tree_s
-        specs = self.drafter.respond(outcomes, new_tokens)
-        self.fallback_s = self.drafter.fallback_s
-        for spec in specs:
-            if spec.q is not None:
-                spec.q = self.drafter.target_q(spec.q)
-        return specs
-
-    def build_tree(self) -> None:
-        self.drafter.build_tree()
-
-    def finish_tree(self) -> None:
-        """Wait until the tree of the current round is built (nothing to wait for in place)."""
-
-    def retire(self, keep: list[int]) -> None:
-        self.drafter.retire(keep)
-
-    def close(self) -> None:
-        pass
+def _threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no procfs: the calling thread only
+        return [0]
 
 
 class SSDEngine(Engine):
     mode = "ssd"
 
-    def __init__(self, target: CausalLM, drafter, k: int, stop_token_ids: set[int], max_batch_size: int = 64,
-                 local_fallback=None, policy: SaguaroPolicy | None = None, lookup_min_match: int = 0,
+    def __init__(self, target: CausalLM, drafter: Drafter, k: int, stop_token_ids: set[int],
+                 max_batch_size: int = 64, local_fallback: Callable[[], Drafter] | None = None,
+                 policy: SaguaroPolicy | None = None, prompt_lookup_min_match: int = 0,
                  round_rule: Callable[[int, int], RoundChoice] | None = None):
         """local_fallback: makes an in-process drafter to finish with if the worker fails.
-        policy: fan-out and fallback per round (default: the drafter's own, never refitted).
-        lookup_min_match: greedy rows repeating their last n >= this many tokens take the prompt-lookup
-        continuation ahead of the cache (0: never); an attribute, so it can change between requests.
+        policy: fan-out and fallback per round; required for a remote drafter, default for a
+        LocalDrafter: the fan-out and fallback it was built with, never refitted.
+        prompt_lookup_min_match: greedy rows repeating their last n >= this many tokens take the
+        prompt-lookup continuation ahead of the cache (0: never); an attribute, so it can change
+        between requests.
         round_rule: mode "auto": (batch, sampled rows) -> whether the next round speculates or runs AR
         (engine/auto.py); None always speculates."""
         super().__init__(target, stop_token_ids, max_batch_size)
@@ -99,12 +85,14 @@ class SSDEngine(Engine):
         self.cores: CoreSplit | None = None  # where the target runs in SSD rounds and in AR rounds
         self._round_mode = "ssd"
         self.drafter, self.k = drafter, k
-        if policy is None:  # an in-process drafter keeps the fan-out and fallback it was built with
-            policy = SaguaroPolicy.fixed(drafter.drafter.fanout, drafter.drafter.fallback)
+        if policy is None:
+            if not isinstance(drafter, LocalDrafter):
+                raise ValueError("a drafter other than a LocalDrafter needs a policy")
+            policy = drafter.fixed_policy()
         self.policy = policy
         self.tree_fanout = [0] * (k + 1)  # the fan-out of the tree being built now
         self.local_fallback = local_fallback
-        self.lookup_min_match = lookup_min_match
+        self.prompt_lookup_min_match = prompt_lookup_min_match
         self.degraded: str | None = None  # why the engine left its worker, if it did
         self.sent: dict[int, int] = {}  # seq id -> tokens of its context the drafter has
         self.outcome: dict[int, tuple[int, int]] = {}  # seq id -> outcome of its last round
@@ -215,11 +203,12 @@ class SSDEngine(Engine):
         looked_up = self.tree_fanout
         fanout = [0] * (k + 1) if self.degraded else self.policy.fanout  # degraded: plain SD
         fallback = "neural" if self.degraded else self.policy.next_fallback(len(seqs))
-        specs = self._guarded(lambda d: d.respond, outcomes, new, fanout, fallback, self.lookup_min_match)
+        specs = self._guarded(lambda d: d.respond, outcomes, new, fanout, fallback,
+                              self.prompt_lookup_min_match)
         if specs is None:  # the worker failed: ask the local drafter, which has no outcomes yet
             outcomes = [None] * len(seqs)
             fanout, fallback = [0] * (k + 1), "neural"
-            specs = self.drafter.respond(outcomes, new, fanout, fallback, self.lookup_min_match)
+            specs = self.drafter.respond(outcomes, new, fanout, fallback, self.prompt_lookup_min_match)
         self.tree_fanout = fanout
         for s in seqs:
             self.sent[s.id] = len(s.all_ids)
@@ -244,7 +233,7 @@ class SSDEngine(Engine):
             s.append(sp.tokens[:a] + [t], self.stop_ids)
             self.outcome[s.id] = (a, t)
             self._count(s.stats, sp, a, out, t1 - t0, t2 - t1, tree_s + fallback_s)
-            if not self.degraded and sp.source != "lookup":  # lookup rounds say nothing of draft or cache
+            if not self.degraded and sp.source != "lookup":  # prompt lookup says nothing of draft or cache
                 self.policy.observe(a, k, None if out is None else out[0], None if out is None else sp.hit,
                                     fallback, looked_up)
         if not self.degraded:

@@ -9,18 +9,16 @@ import os
 import torch
 
 from saguaro.engine.auto import choose_round
-from saguaro.engine.ssd import CoreSplit, LocalDrafter, SSDEngine
+from saguaro.engine.ssd import CoreSplit, SSDEngine
 from saguaro.loader import resolve_checkpoint
-from saguaro.speculators.draft import load_draft
+from saguaro.speculators.draft import check_draft_checkpoint, load_draft
 from saguaro.ssd.client import WORKER_TIMEOUT_S, RemoteDrafter, WorkerError
 from saguaro.ssd.drafter import SSDDrafter
 from saguaro.ssd.online import SaguaroPolicy
+from saguaro.ssd.options import SSDOptions
+from saguaro.ssd.protocol import Drafter, LocalDrafter
 
 log = logging.getLogger(__name__)
-
-PRIOR_ACCEPTANCE = 0.6  # a_p before anything is measured
-PRIOR_R = 0.5  # power-law exponent of misses vs fan-out
-LOOKUP_MIN_MATCH = 3  # greedy rows repeating their last 3 tokens take the prompt-lookup continuation
 
 
 def _affinity() -> list[int]:
@@ -50,58 +48,72 @@ def draft_device(target_device: str) -> str:
     return target_device
 
 
-def make_ssd_engine(target, tokenizer, draft_path, target_path, k, stop, max_batch_size, fanout_budget: int = 0,
-                    fanout: str = "geometric", acceptance: float = PRIOR_ACCEPTANCE, r: float = PRIOR_R,
-                    saguaro_c: float = 1.0, fallback: str = "auto", worker: bool = True,
-                    draft_cores: list[int] | None = None, draft_threads: int | None = None,
-                    worker_timeout: float = WORKER_TIMEOUT_S, fit: bool = True,
-                    lookup_min_match: int = LOOKUP_MIN_MATCH, auto: bool = False) -> SSDEngine:
-    """fit: refit a_p and r (and so the fan-out) from what the rounds show; False keeps the priors.
-    fanout_budget 0: start at 3(K+1) branches and, when fitting, resize so the tree fits in a verification.
-    draft_cores / draft_threads: where the CPU worker runs (default: the last core, 1 thread); the target
-    keeps the other cores. lookup_min_match: see SSDDrafter (0 turns prompt lookup first off).
-    auto: choose SSD or AR round by round (engine/auto.py), AR rounds taking every core."""
+def make_ssd_engine(target, tokenizer, draft_path, target_path, k: int, stop: set[int], max_batch_size: int,
+                    options: SSDOptions | None = None) -> SSDEngine:
+    """An SSD engine over `target` with the draft at `draft_path` (see SSDOptions for the knobs).
+
+    The fan-out budget, when not given, starts at 3(K+1) and, when fitting, resizes so the tree fits
+    in a verification. A CPU worker runs on `draft_cores` (default: the last core) and the target
+    keeps the other cores. If the worker cannot start, the engine runs SSD's fallback (SD with a
+    local draft) and says so in its metrics."""
+    o = options or SSDOptions()
+    draft_cores = list(o.draft_cores) if o.draft_cores is not None else None
     if draft_cores is not None and str(target.device) == "cpu":
         _check_draft_cores(draft_cores, available_cores())
-    budget = fanout_budget or 3 * (k + 1)
-    policy = SaguaroPolicy(k, budget, acceptance, r, shape=fanout, fallback=fallback, fit=fit,
-                           adapt_budget=fit and not fanout_budget)
-    shape = policy.fanout
-    fallback = policy.next_fallback(1)  # the first rounds; the policy decides again every round
+    policy = SaguaroPolicy(k, o.fanout_budget or 3 * (k + 1), o.acceptance, o.r, shape=o.fanout_shape,
+                           fallback=o.fallback, fit=o.fit, adapt_budget=o.fit and not o.fanout_budget)
     vocab = target.config.vocab_size
 
     def local() -> LocalDrafter:  # the SD fallback, also used when no worker is wanted
         return LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, [0] * (k + 1),
-                                       c=saguaro_c, fallback="neural"))
+                                       c=o.saguaro_c, fallback="neural"))
 
-    drafter = None
-    degraded = None
-    device = str(target.device)
-    cores_split = None
-    if worker:
-        cores = available_cores()
-        draft_cores = draft_cores or (cores[-1:] if device == "cpu" and len(cores) > 1 else None)
-        head = json.loads((resolve_checkpoint(draft_path) / "config.json").read_text()).get("saguaro_output_token_ids")
-        try:
-            drafter = RemoteDrafter(target_path, draft_path, k, shape, vocab, c=saguaro_c, fallback=fallback,
-                                    dtype=str(target.dtype).removeprefix("torch."), device=draft_device(device),
-                                    engine_device=device,
-                                    cores=draft_cores, threads=draft_threads or len(draft_cores or [0]),
-                                    timeout=worker_timeout,
-                                    head_ids=None if head is None else torch.tensor(head))
-            if draft_cores and device == "cpu":  # keep the target off the draft's cores
-                rest = [c for c in cores if c not in draft_cores]
-                cores_split = CoreSplit(_affinity(), torch.get_num_threads(), rest, len(rest))
-                cores_split.pin_target(alone=False)
-        except WorkerError as e:
-            log.warning("%s; running SSD's fallback (SD with a local draft) instead (metrics say "
-                        "mode 'ssd-degraded')", e)
-            degraded = str(e)
+    drafter: Drafter | None = None
+    degraded = cores_split = None
+    if o.worker:
+        check_draft_checkpoint(draft_path, vocab, tokenizer)  # the worker does not load a tokenizer
+        drafter, cores_split, degraded = _start_worker(target, draft_path, target_path, k, policy, o, draft_cores)
     if drafter is None:
-        drafter = LocalDrafter(SSDDrafter(load_draft(draft_path, target, tokenizer), vocab, k, shape, c=saguaro_c,
-                                          fallback=fallback)) if not worker else local()
-    engine = SSDEngine(target, drafter, k, stop, max_batch_size, local_fallback=local if worker else None,
-                       policy=policy, lookup_min_match=lookup_min_match, round_rule=choose_round if auto else None)
+        drafter = local() if o.worker else LocalDrafter(SSDDrafter(
+            load_draft(draft_path, target, tokenizer), vocab, k, policy.fanout, c=o.saguaro_c,
+            fallback=policy.next_fallback(1)))
+    engine = SSDEngine(target, drafter, k, stop, max_batch_size, local_fallback=local if o.worker else None,
+                       policy=policy, prompt_lookup_min_match=o.prompt_lookup_min_match,
+                       round_rule=choose_round if o.auto else None)
     engine.degraded = degraded
     engine.cores = cores_split
     return engine
+
+
+def _start_worker(target, draft_path, target_path, k: int, policy: SaguaroPolicy, o: SSDOptions,
+                  draft_cores: list[int] | None) -> tuple[Drafter | None, CoreSplit | None, str | None]:
+    """The worker's drafter, the target's cores beside it, and why there is none if it failed
+    (a worker asked for by address has no quiet fallback: its failure is raised)."""
+    device = str(target.device)
+    cores = available_cores()
+    if o.draft_worker:  # its cores are another machine's (or process's) to choose
+        draft_cores = None
+    else:
+        draft_cores = draft_cores or (cores[-1:] if device == "cpu" and len(cores) > 1 else None)
+    head = json.loads((resolve_checkpoint(draft_path) / "config.json").read_text()).get("saguaro_output_token_ids")
+    try:  # the first rounds' fallback: the policy decides again every round
+        drafter = RemoteDrafter(target_path, draft_path, k, policy.fanout, target.config.vocab_size,
+                                c=o.saguaro_c, fallback=policy.next_fallback(1),
+                                dtype=str(target.dtype).removeprefix("torch."), device=draft_device(device),
+                                engine_device=device, cores=draft_cores,
+                                threads=o.draft_threads or len(draft_cores or [0]),
+                                timeout=o.worker_timeout or WORKER_TIMEOUT_S,
+                                head_ids=None if head is None else torch.tensor(head),
+                                address=o.draft_worker, token=o.worker_token)
+    except WorkerError as e:
+        if o.draft_worker:
+            raise
+        log.warning("%s; running SSD's fallback (SD with a local draft) instead (metrics say "
+                    "mode 'ssd-degraded')", e)
+        return None, None, str(e)
+    cores_split = None
+    if draft_cores and device == "cpu":  # keep the target off the draft's cores
+        rest = [c for c in cores if c not in draft_cores]
+        cores_split = CoreSplit(cores, torch.get_num_threads(), rest, len(rest))
+        cores_split.pin_target(alone=False)
+    return drafter, cores_split, None

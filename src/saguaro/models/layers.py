@@ -24,15 +24,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies, with Llama-3's piecewise rescaling of long wavelengths when configured."""
+    """Inverse frequencies, with Llama-3's piecewise rescaling of long wavelengths when configured.
+    Computed on the CPU whatever the default device (under the loader's meta device, arithmetic
+    would import torch._dynamo: a second of CPU); the module's `to` moves them."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     scaling = config.rope_scaling
     if not scaling:
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "factors":  # GGUF stores Llama-3 rescaling as per-frequency divisors (rope_freqs)
-        return inv_freq / torch.tensor(scaling["factors"], dtype=inv_freq.dtype)
+        return inv_freq / torch.tensor(scaling["factors"], dtype=inv_freq.dtype, device="cpu")
     if kind == "linear":
         return inv_freq / scaling["factor"]
     if kind != "llama3":

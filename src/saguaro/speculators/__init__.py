@@ -1,9 +1,9 @@
 """Speculators and draft loading: below the engine, which they never import."""
 
-from saguaro.speculators.base import Proposal, Row, Speculator, head_to_vocab
+from saguaro.speculators.base import Proposal, Row, Speculator, head_to_vocab, right_pad
 from saguaro.speculators.draft import check_vocabulary, load_draft
-from saguaro.speculators.neural import NeuralSpeculator
+from saguaro.speculators.neural import NeuralSpeculator, draft_k
 from saguaro.speculators.ngram import NgramSpeculator
 
-__all__ = ["NeuralSpeculator", "NgramSpeculator", "Proposal", "Row", "Speculator", "check_vocabulary",
-           "head_to_vocab", "load_draft"]
+__all__ = ["NeuralSpeculator", "NgramSpeculator", "Proposal", "Row", "Speculator", "check_vocabulary", "draft_k",
+           "head_to_vocab", "load_draft", "right_pad"]

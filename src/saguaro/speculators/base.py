@@ -42,6 +42,16 @@ def head_to_vocab(q: torch.Tensor, head_ids: torch.Tensor | None, vocab: int) ->
     return full.index_copy_(-1, head_ids.to(q.device), q)
 
 
+def right_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, W] right-padded with 0, lengths [B]), both on the CPU: the batch a
+    model forward takes, with `logits_at=(lengths - 1)[:, None]` reading each row's last token."""
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids, lengths
+
+
 class Speculator:
     def prefill(self, seqs: list[Row], ids: torch.Tensor, lengths: torch.Tensor) -> None:
         """New sequences (prompts in `ids`, right-padded) join the batch as rows at the end."""

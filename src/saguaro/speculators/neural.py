@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import sample, target_probs
-from saguaro.speculators.base import Proposal, Row, Speculator, head_to_vocab
+from saguaro.speculators.base import Proposal, Row, Speculator, head_to_vocab, right_pad
+
+Draw = Callable[[torch.Tensor, int], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+def draft_k(draft: CausalLM, cache, pending: list[list[int]], k: int, draw: Draw
+            ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Feed each row the tokens its cache lacks (`pending`), then draft k tokens, one forward per
+    step; draw(logits, step) picks the step's tokens (target ids) and the q they came from (None:
+    deterministic). The cache then holds the pending tokens and proposals 1..k-1.
+    Returns the tokens [B, k] and the k q's."""
+    ids, counts = right_pad(pending)
+    counts = counts.to(cache.lengths.device)
+    logits = draft(ids.to(draft.device), cache, logits_at=(counts - 1)[:, None])[:, 0]
+    cache.lengths += counts
+    tokens, qs = [], []
+    for step in range(k):
+        token, q = draw(logits, step)
+        tokens.append(token)
+        qs.append(q)
+        if step < k - 1:
+            logits = draft(token[:, None], cache)[:, -1]
+            cache.lengths += 1
+    return torch.stack(tokens, 1), qs
 
 
 class NeuralSpeculator(Speculator):
@@ -50,29 +75,20 @@ class NeuralSpeculator(Speculator):
 
     def propose(self, seqs: list[Row], k: int) -> Proposal:
         # Feed what the draft has not seen: the target's last token, plus the last accepted draft
-        # token when every proposal was accepted (1 or 2 tokens; right-padded to a common width).
+        # token when every proposal was accepted (1 or 2 tokens).
         pending = [s.all_ids[n:] for s, n in zip(seqs, self.cache.lengths.tolist())]
-        ids = torch.zeros(len(seqs), max(len(p) for p in pending), dtype=torch.long)
-        for i, p in enumerate(pending):
-            ids[i, : len(p)] = torch.tensor(p)
-        counts = torch.tensor([len(p) for p in pending], device=self.cache.lengths.device)
-        logits = self.draft(ids.to(self.draft.device), self.cache, logits_at=(counts - 1)[:, None])[:, 0]
-        self.cache.lengths += counts
-        tokens, qs = [], []
         generators = [s.generator for s in seqs]
         greedy = all(s.params.greedy for s in seqs)
-        for step in range(k):
+
+        def draw(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
             if greedy:
-                tokens.append(self.greedy_tokens(logits))
-            else:
-                q = target_probs(logits, [s.params for s in seqs])  # over the head; expanded below
-                tokens.append(self.head_to_target(sample(q, generators)))
-                qs.append(q)
-            if step < k - 1:
-                logits = self.draft(tokens[-1][:, None], self.cache)[:, -1]
-                self.cache.lengths += 1
+                return self.greedy_tokens(logits), None
+            q = target_probs(logits, [s.params for s in seqs])  # over the head; expanded below
+            return self.head_to_target(sample(q, generators)), q
+
+        tokens, qs = draft_k(self.draft, self.cache, pending, k, draw)
         self._k = k
-        return Proposal(torch.stack(tokens, 1), self.to_target_vocab(torch.stack(qs, 1)) if qs else None)
+        return Proposal(tokens, None if greedy else self.to_target_vocab(torch.stack(qs, 1)))
 
     def commit(self, accepted: list[int]) -> None:
         extra = torch.tensor([min(a, self._k - 1) for a in accepted], device=self.cache.lengths.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 
 from saguaro.speculators import head_to_vocab
 from saguaro.ssd import wire
-from saguaro.ssd.channel import HELLO, READY, EngineEnd
+from saguaro.ssd.channel import HELLO, READY, TOKEN_ENV, Attach, EngineEnd, Refused, parse_address
 from saguaro.ssd.drafter import Speculation
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,16 @@ log = logging.getLogger(__name__)
 WORKER_TIMEOUT_S = 10.0
 CONNECT_S = 30.0  # a live child that has not reached the store by then (importing torch) is stuck
 LOAD_S = 120.0  # a live child loading its draft; exits are seen at once, whatever these limits
+REACH_S = 5.0  # to open a connection to a worker started by hand (a wrong address fails this fast)
+TURN_S = 30.0  # for a busy worker started by hand to finish with the engine before this one
 
 
 class WorkerError(RuntimeError):
     """The worker could not be started, died, or stopped answering."""
+
+
+class WorkerRefused(WorkerError):
+    """A worker started by hand refused this engine (wrong token, another target or draft)."""
 
 
 def backend_for(engine_device: str, worker_device: str) -> str:
@@ -47,7 +54,9 @@ def worker_command(port: int, target, draft, k: int, fanout: list[int], c: float
 
 
 class RemoteDrafter:
-    """The engine's handle on a draft worker process (spawned here unless `spawn` is False).
+    """The engine's handle on a draft worker process: spawned here, or (`address` "HOST:PORT") one
+    started by hand with `saguaro draft-worker --listen`, attached to with `token` (default: the
+    SAGUARO_WORKER_TOKEN environment variable).
 
     Start-up watches the child: an exit is noticed within POLL_S, not at a rendezvous timeout.
     After start-up every answer must come within `timeout` seconds; a worker that exits mid-round
@@ -57,28 +66,55 @@ class RemoteDrafter:
                  c: float = 1.0, fallback: str = "neural", dtype: str = "float32", device: str = "cpu",
                  cores: list[int] | None = None, threads: int = 1, timeout: float = WORKER_TIMEOUT_S,
                  master_addr: str = "127.0.0.1", master_port: int | None = None, spawn: bool = True,
-                 head_ids: torch.Tensor | None = None, engine_device: str = "cpu"):
+                 head_ids: torch.Tensor | None = None, engine_device: str = "cpu", address: str | None = None,
+                 token: str | None = None):
         """device: the worker's (draft's) device; engine_device: the target's."""
         self.k, self.vocab, self.head_ids = k, target_vocab, head_ids
-        backend = backend_for(engine_device, device)
-        comm = engine_device if backend == "nccl" else "cpu"  # where wire tensors live
         self.tree_s = self.fallback_s = 0.0  # the worker's times, as reported with its last answer
         self.process = self.channel = None
         try:
-            end = EngineEnd(master_addr, master_port or 0)
-            if spawn:
-                self.process = subprocess.Popen(worker_command(end.port, target, draft, k, fanout, c, fallback,
-                                                               dtype, device, backend, threads, cores, master_addr))
-            end.wait_for(HELLO, CONNECT_S, self._exit_status)
-            end.wait_for(READY, LOAD_S, self._exit_status)
-            self.channel = end.open(backend, timeout, comm)
+            if address:
+                host, port = parse_address(address)
+                hello = wire.Hello(k, list(fanout), target_vocab, dtype, c, fallback, host)
+                self.channel = self._attach(host, port, hello, token, timeout)
+            else:
+                self.channel = self._spawn(target, draft, k, fanout, c, fallback, dtype, device, cores, threads,
+                                           timeout, master_addr, master_port, spawn, engine_device)
             ready = wire.recv(self.channel)
+        except Refused as e:
+            self._kill()
+            raise WorkerRefused(str(e)) from None
         except Exception as e:
             self._kill()
             raise WorkerError(f"draft worker did not start: {e}") from None
-        if not isinstance(ready, wire.Ready) or ready.k != k:
-            self._kill()
-            raise WorkerError(f"draft worker answered {ready!r}")
+        self._check(ready)
+
+    def _spawn(self, target, draft, k, fanout, c, fallback, dtype, device, cores, threads, timeout, master_addr,
+               master_port, spawn, engine_device):
+        backend = backend_for(engine_device, device)
+        comm = engine_device if backend == "nccl" else "cpu"  # where wire tensors live
+        end = EngineEnd(master_addr, master_port or 0)
+        if spawn:
+            self.process = subprocess.Popen(worker_command(end.port, target, draft, k, fanout, c, fallback,
+                                                           dtype, device, backend, threads, cores, master_addr))
+        end.wait_for(HELLO, CONNECT_S, self._exit_status)
+        end.wait_for(READY, LOAD_S, self._exit_status)
+        return end.open(backend, timeout, comm)
+
+    @staticmethod
+    def _attach(host: str, port: int, hello: wire.Hello, token: str | None, timeout: float):
+        """A worker started by hand: wait for its turn, prove the token, send the settings, join."""
+        end = Attach(host, port, REACH_S)
+        end.handshake(os.environ.get(TOKEN_ENV, "") if token is None else token, wire.to_bytes(hello), TURN_S)
+        return end.open(timeout)
+
+    def _check(self, ready) -> None:
+        """The worker drafts with the same K and draft head as this engine expects."""
+        head = self.vocab if self.head_ids is None else len(self.head_ids)
+        if not isinstance(ready, wire.Ready) or ready.k != self.k or ready.head_vocab != head:
+            self.close()
+            raise WorkerRefused(f"draft worker answered {ready!r}, expected K={self.k} and a draft head of {head} "
+                                f"tokens (the same --draft on both sides)")
 
     def _exit_status(self) -> str | None:
         if self.process is None or self.process.poll() is None:

@@ -24,7 +24,8 @@ import torch
 
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import SamplingParams, sample, target_probs
-from saguaro.speculators import NeuralSpeculator, NgramSpeculator
+from saguaro.speculators import NeuralSpeculator, NgramSpeculator, draft_k, right_pad
+from saguaro.ssd.online import FALLBACKS
 from saguaro.ssd.sampling import saguaro_distribution
 
 
@@ -55,7 +56,7 @@ class DraftRow:
     branches: dict[tuple[int, int], Speculation] = field(default_factory=dict)
 
 
-FALLBACKS = ("neural", "ngram", "none")
+__all__ = ["FALLBACKS", "DraftRow", "SSDDrafter", "Speculation", "draft_seed"]
 
 
 class SSDDrafter:
@@ -66,10 +67,12 @@ class SSDDrafter:
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.draft, self.k, self.fanout, self.c, self.fallback = draft, k, list(fanout), c, fallback
-        # a greedy row whose context repeats its last n >= lookup_min_match tokens takes the prompt-lookup
-        # continuation, hit or miss (0: never); the engine sets it with the policy every round
-        self.lookup_min_match = 0
-        self.jit = NeuralSpeculator(draft, target_vocab)  # owns the main cache rows
+        # a greedy row whose context repeats its last n >= prompt_lookup_min_match tokens takes the
+        # prompt-lookup continuation, hit or miss (0: never); the engine sets it with the policy every round
+        self.prompt_lookup_min_match = 0
+        # the draft as a speculator: its cache holds the main row of each sequence (the tree's branches
+        # go in slots past it), and it maps draft-head indices to target ids
+        self.neural = NeuralSpeculator(draft, target_vocab)
         self.ngram = NgramSpeculator()
         self.rows: list[DraftRow] = []
         self.tree_s = 0.0  # time spent building the last tree
@@ -80,28 +83,27 @@ class SSDDrafter:
             self.head_index = torch.full((target_vocab,), -1, dtype=torch.long, device=out_ids.device)
             self.head_index[out_ids] = torch.arange(len(out_ids), device=out_ids.device)
 
-    def set_policy(self, fanout: list[int], fallback: str, lookup_min_match: int = 0) -> None:
+    def set_policy(self, fanout: list[int], fallback: str, prompt_lookup_min_match: int = 0) -> None:
         """Fan-out of the next tree, fallback of the next misses and the prompt-lookup rule (the engine's)."""
-        if len(fanout) != self.k + 1 or fallback not in FALLBACKS or lookup_min_match < 0:
-            raise ValueError(f"bad policy: fan-out {fanout}, fallback {fallback!r}, lookup {lookup_min_match}")
-        self.fanout, self.fallback, self.lookup_min_match = list(fanout), fallback, lookup_min_match
+        if len(fanout) != self.k + 1 or fallback not in FALLBACKS or prompt_lookup_min_match < 0:
+            raise ValueError(f"bad policy: fan-out {fanout}, fallback {fallback!r}, "
+                             f"prompt lookup {prompt_lookup_min_match}")
+        self.fanout, self.fallback = list(fanout), fallback
+        self.prompt_lookup_min_match = prompt_lookup_min_match
 
     # ------------------------------------------------------------------ batch membership
     @torch.inference_mode()
     def prefill(self, seq_ids: list[int], prompts: list[list[int]], params: list[SamplingParams],
                 seeds: list[int | None]) -> None:
-        lengths = torch.tensor([len(p) for p in prompts])
-        ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        self.jit.prefill(None, ids.to(self.draft.device), lengths.to(self.draft.device))
+        ids, lengths = right_pad(prompts)
+        self.neural.prefill(None, ids.to(self.draft.device), lengths.to(self.draft.device))
         for sid, p, sp, seed in zip(seq_ids, prompts, params, seeds):
             g = None if seed is None else torch.Generator().manual_seed(draft_seed(seed))
             self.rows.append(DraftRow(sid, sp, list(p), g))
 
     @torch.inference_mode()
     def retire(self, keep: list[int]) -> None:
-        self.jit.retire(keep)
+        self.neural.retire(keep)
         self.rows = [self.rows[i] for i in keep]
 
     # ------------------------------------------------------------------ outcomes -> next speculations
@@ -117,12 +119,12 @@ class SSDDrafter:
             spec = row.branches.get(outcome) if outcome is not None else None
             row.branches = {}
             if outcome is not None:  # keep the main row's KV for x + s_1..s_k only
-                self.jit.cache.lengths[i] = len(row.tokens) - 1
-            elif int(self.jit.cache.lengths[i]) > known:  # no outcome for the last tree (the engine ran
-                self.jit.cache.lengths[i] = known  # other rounds meanwhile): keep the KV of x only
-            lookup = self._lookup(row, cached=spec is not None)
-            if lookup is not None:
-                spec = lookup
+                self.neural.cache.lengths[i] = len(row.tokens) - 1
+            elif int(self.neural.cache.lengths[i]) > known:  # no outcome for the last tree (the engine ran
+                self.neural.cache.lengths[i] = known  # other rounds meanwhile): keep the KV of x only
+            looked_up = self._prompt_lookup(row, cached=spec is not None)
+            if looked_up is not None:
+                spec = looked_up
             elif spec is not None:
                 spec.hit = True
             else:
@@ -137,20 +139,21 @@ class SSDDrafter:
             row.speculation = spec
         return out
 
-    def _lookup(self, row: DraftRow, cached: bool) -> Speculation | None:
+    def _prompt_lookup(self, row: DraftRow, cached: bool) -> Speculation | None:
         """Prompt lookup ahead of the cache, for greedy rows whose context repeats itself: there a
         long n-gram match is accepted more often than the draft's own guess (README, "Prompt lookup
         first"). Sampled rows keep the draft's q, which a deterministic proposal would give up."""
-        if not self.lookup_min_match or not row.params.greedy:
+        if not self.prompt_lookup_min_match or not row.params.greedy:
             return None
         # search suffixes up to the rule's length: the matcher's default stops at 3, so a longer
         # required match was never found (for N <= 3 the search is the one it always was)
-        tokens, n = self.ngram.match(row.tokens, self.k, max(self.ngram.max_ngram, self.lookup_min_match))
-        return Speculation(tokens, None, hit=cached, source="lookup") if n >= self.lookup_min_match else None
+        min_match = self.prompt_lookup_min_match
+        tokens, n = self.ngram.match(row.tokens, self.k, max(self.ngram.max_ngram, min_match))
+        return Speculation(tokens, None, hit=cached, source="lookup") if n >= min_match else None
 
     def target_q(self, q: torch.Tensor) -> torch.Tensor:
         """A speculation's q over the draft head -> over the target vocabulary (what the verifier uses)."""
-        return self.jit.to_target_vocab(q)
+        return self.neural.to_target_vocab(q)
 
     def _fallback(self, rows: list[int]) -> list[Speculation]:
         if self.fallback == "ngram":
@@ -163,27 +166,13 @@ class SSDDrafter:
     def _draft_rows(self, rows: list[int]) -> list[Speculation]:
         """Just-in-time drafting of K tokens for some rows (the cache misses)."""
         sub = [self.rows[i] for i in rows]
-        view = self.jit.cache.take_rows(rows)
+        view = self.neural.cache.take_rows(rows)
         pending = [r.tokens[n:] for r, n in zip(sub, view.lengths.tolist())]
-        ids = torch.zeros(len(rows), max(len(p) for p in pending), dtype=torch.long)
-        for j, p in enumerate(pending):
-            ids[j, : len(p)] = torch.tensor(p)
-        dev = self.draft.device
-        counts = torch.tensor([len(p) for p in pending], device=dev)
-        logits = self.draft(ids.to(dev), view, logits_at=(counts - 1)[:, None])[:, 0]
-        view.lengths += counts
-        tokens, qs = [], []
-        for step in range(self.k):
-            token, q = self._draw(logits, sub, self.fanout[step])
-            tokens.append(token)
-            qs.append(q)
-            if step < self.k - 1:
-                logits = self.draft(tokens[-1][:, None], view)[:, -1]
-                view.lengths += 1
+        toks, qs = draft_k(self.draft, view, pending, self.k,
+                           lambda logits, step: self._draw(logits, sub, self.fanout[step]))
         # keep the context's KV; the tree re-feeds the last context token and the proposals
-        view.lengths[:] = torch.tensor([len(r.tokens) - 1 for r in sub], device=dev)
-        self.jit.cache.put_rows(rows, view)
-        toks = torch.stack(tokens, 1)
+        view.lengths[:] = torch.tensor([len(r.tokens) - 1 for r in sub], device=self.draft.device)
+        self.neural.cache.put_rows(rows, view)
         q_all = None if qs[0] is None else torch.stack(qs, 1).cpu()
         return [Speculation(toks[j].tolist(), None if r.params.greedy else q_all[j], source="neural")
                 for j, r in enumerate(sub)]
@@ -194,12 +183,12 @@ class SSDDrafter:
         the tokens (target ids) and the distribution they were drawn from, over the draft head
         (the verifier must use that q, expanded to the target vocabulary)."""
         if all(r.params.greedy for r in rows):
-            return self.jit.greedy_tokens(logits), None
+            return self.neural.greedy_tokens(logits), None
         q = target_probs(logits, [r.params for r in rows])
         if self.c < 1.0 and top_f > 0:
             sampled = torch.tensor([not r.params.greedy for r in rows], device=q.device)
             q = torch.where(sampled[:, None], saguaro_distribution(q, top_f, self.c), q)
-        return self.jit.head_to_target(sample(q, [r.generator for r in rows])), q
+        return self.neural.head_to_target(sample(q, [r.generator for r in rows])), q
 
     # ------------------------------------------------------------------ the tree
     @torch.inference_mode()
@@ -214,17 +203,14 @@ class SSDDrafter:
     def _build_tree(self) -> None:
         if not self.rows:
             return
-        k, cache = self.k, self.jit.cache
+        k, cache = self.k, self.neural.cache
         b = len(self.rows)
         specs = [r.speculation for r in self.rows]
         # 1. main rows: feed the unseen context and the speculation, read q_1..q_{K+1}
         pending = [r.tokens[int(cache.lengths[i]):] + s.tokens for i, (r, s) in enumerate(zip(self.rows, specs))]
-        width = max(len(p) for p in pending)
-        ids = torch.zeros(b, width, dtype=torch.long)
-        for i, p in enumerate(pending):
-            ids[i, : len(p)] = torch.tensor(p)
+        ids, counts = right_pad(pending)
         dev = self.draft.device
-        counts = torch.tensor([len(p) for p in pending], device=dev)
+        counts = counts.to(dev)
         at = (counts - k - 1)[:, None] + torch.arange(k + 1, device=dev)
         logits = self.draft(ids.to(dev), cache, logits_at=at)  # [B, K+1, V_draft]
         n = torch.tensor([len(r.tokens) for r in self.rows], device=dev)  # context lengths

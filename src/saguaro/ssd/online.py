@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from saguaro.ssd.fanout import geometric_fanout, uniform_fanout
 from saguaro.ssd.speedup import expected_tokens, fallback_switch_batch
 
+FALLBACKS = ("neural", "ngram", "none")  # how a cache miss is drafted; "auto" (the policy's) picks the first two
+PRIOR_ACCEPTANCE = 0.6  # a_p before anything is measured
+PRIOR_R = 0.5  # power-law exponent r of misses vs fan-out before anything is measured
 R_RANGE = (0.1, 4.0)  # keep the fitted exponent where the closed form stays well-behaved
 ACCEPTANCE_RANGE = (0.02, 0.98)
 EXPLORE_MISSED_ROUNDS = 4  # missed rounds each backup gets before the model chooses between them
@@ -101,8 +104,8 @@ class SaguaroPolicy:
 
     k: int
     budget: int
-    acceptance: float
-    r: float
+    acceptance: float = PRIOR_ACCEPTANCE
+    r: float = PRIOR_R
     shape: str = "geometric"
     fallback: str = "auto"
     fit: bool = True
@@ -126,7 +129,7 @@ class SaguaroPolicy:
     @classmethod
     def fixed(cls, fanout: list[int], fallback: str) -> SaguaroPolicy:
         """A policy that keeps this fan-out and fallback (no fitting, no switching)."""
-        policy = cls(len(fanout) - 1, sum(fanout), acceptance=0.5, r=1.0, fallback=fallback, fit=False)
+        policy = cls(len(fanout) - 1, sum(fanout), fallback=fallback, fit=False)
         policy.fanout = list(fanout)
         return policy
 

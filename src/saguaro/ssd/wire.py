@@ -8,6 +8,7 @@ that tensor, so nothing is pickled and no integer on the wire goes unnamed.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
@@ -21,6 +22,7 @@ class Kind(IntEnum):
     SHUTDOWN = 4
     SPECULATIONS = 5
     READY = 6
+    HELLO = 7
 
 
 class Fallback(IntEnum):
@@ -35,6 +37,9 @@ class RowFlag(IntFlag):
     CACHED = 1
     LOOKUP = 2
 
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")  # a Hello's dtype travels as its index here
+PROTOCOL = 1  # a Hello's version: a worker refuses an engine that speaks another
 
 NO_OUTCOME = -1  # "this row has no outcome yet" (its first round after prefill)
 NO_SEED = -1
@@ -146,6 +151,36 @@ class Ready:
 
 
 @dataclass
+class Hello:
+    """An engine's settings for a worker it attaches to by address (saguaro draft-worker --listen),
+    which knows only its checkpoints. It travels through the store, before the channel exists.
+
+    vocab: the engine's target vocabulary (a worker with another target refuses);
+    host: the worker's address as the engine reaches it (the worker's end of the channel binds there)."""
+
+    k: int
+    fanout: list[int]
+    vocab: int
+    dtype: str = "float32"
+    c: float = 1.0
+    fallback: str = "neural"
+    host: str = "127.0.0.1"
+    protocol: int = PROTOCOL
+    kind = Kind.HELLO
+
+    def pack(self):
+        head = [self.protocol, self.k, self.vocab, DTYPES.index(self.dtype), int(Fallback[self.fallback.upper()])]
+        return head + _ragged([self.fanout, list(self.host.encode())]), [float(self.c)], None
+
+    @classmethod
+    def unpack(cls, ints, floats, tensor):
+        protocol, k, vocab, dtype, fallback = ints[:5]
+        (fanout, host), _ = _unragged(ints, 5)
+        return cls(k, fanout, vocab, DTYPES[dtype], floats[0], Fallback(fallback).name.lower(), bytes(host).decode(),
+                   protocol)
+
+
+@dataclass
 class Speculations:
     """Each row's next K tokens, whether they came from the cache, and q where rows sample.
 
@@ -179,7 +214,23 @@ class Speculations:
                    floats[1], [RowFlag.LOOKUP in f for f in flags])
 
 
-MESSAGES = {m.kind: m for m in (Prefill, Respond, Retire, Shutdown, Ready, Speculations)}
+MESSAGES = {m.kind: m for m in (Prefill, Respond, Retire, Shutdown, Ready, Speculations, Hello)}
+STORE_HEADER = struct.Struct("<3q")  # kind, #ints, #floats of a message kept in the store
+
+
+def to_bytes(message) -> bytes:
+    """A message without a tensor as bytes for the store (kind, counts, ints, float64s; no pickle)."""
+    ints, floats, tensor = message.pack()
+    if tensor is not None:
+        raise ValueError(f"{type(message).__name__} carries a tensor: it travels on the channel")
+    return STORE_HEADER.pack(int(message.kind), len(ints), len(floats)) + struct.pack(
+        f"<{len(ints)}q{len(floats)}d", *ints, *floats)
+
+
+def from_bytes(data: bytes):
+    kind, n_ints, n_floats = STORE_HEADER.unpack_from(data)
+    values = struct.unpack_from(f"<{n_ints}q{n_floats}d", data, STORE_HEADER.size)
+    return MESSAGES[Kind(kind)].unpack(list(values[:n_ints]), list(values[n_ints:]), None)
 
 
 TENSOR_DTYPES = [torch.float32, torch.float64]  # q travels in the draft's own precision

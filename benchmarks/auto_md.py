@@ -1,0 +1,134 @@
+"""docs/auto.md (tables) and docs/results/serve_load.png (plot) from one `benchmarks/record_auto.sh` run.
+
+    python benchmarks/auto_md.py [--results docs/results] [--out docs/auto.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cpu_line(results: Path) -> str:
+    text = (results / "lscpu_auto.txt").read_text() if (results / "lscpu_auto.txt").is_file() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("Flags")), [])
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    cpus = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("CPU(s)")), "?")
+    return f"{model}, {cpus} CPUs, flags: {' '.join(shown) or 'none of avx2/avx512'}"
+
+
+def serve_section(results: Path) -> list[str]:
+    path = results / "serve_load.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    lines = ["## The server under concurrent clients", "",
+             f"`{data['meta']['command']}`: each client streams one held-out ShareGPT chat request for "
+             "96 tokens (official `openai` client), the two servers run one after the other (A B B A).", "",
+             "| clients | T | default tok/s | `--mode ar` tok/s | default / ar | default TTFT s | ar TTFT s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["table"]:
+        lines.append(f"| {r['clients']} | {r['temperature']:g} | {r['default_tokens_per_s']:.1f} | "
+                     f"{r['ar_tokens_per_s']:.1f} | {r['default_over_ar']:.2f} | {r['default_ttft_s']:.2f} | "
+                     f"{r['ar_ttft_s']:.2f} |")
+    plot(data["table"], results / "serve_load.png")
+    return lines + ["", "![server tokens/s](results/serve_load.png)", ""]
+
+
+def plot(table: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['clients']} clients\nT={r['temperature']:g}" for r in table]
+    x = range(len(table))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar([i - 0.2 for i in x], [r["default_tokens_per_s"] for r in table], 0.4, label="saguaro serve (auto)")
+    ax.bar([i + 0.2 for i in x], [r["ar_tokens_per_s"] for r in table], 0.4, label="saguaro serve --mode ar")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("aggregate tokens/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def auto_section(results: Path) -> list[str]:
+    files = sorted(results.glob("auto_t*.json"))
+    if not files:
+        return []
+    lines = ["## b = 1: the default against AR and SSD", "",
+             "`python benchmarks/ssd_vs_sd.py --k 4 --num-prompts 4 --max-tokens 64 --temperature T "
+             "--modes ar,ssd,auto` (held-out chat prompts, modes interleaved prompt by prompt; AR and auto "
+             "start from every core, SSD's target has one and its worker the other).", "",
+             "| T | dataset | AR tok/s | SSD / AR | auto / AR | auto ran | same tokens as AR |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    runs = sorted((json.loads(p.read_text()) for p in files), key=lambda d: d["config"]["temperature"])
+    for data in runs:
+        t = data["config"]["temperature"]
+        for dataset, res in data["results"].items():
+            auto = res["auto"]
+            same = auto.get("identical_to_ar", "-")
+            ran = "SSD" if auto.get("rounds") else "AR"  # speculative rounds counted, or none
+            lines.append(f"| {t:g} | {dataset} | {res['ar']['tokens_per_s']:.1f} | {res['ssd']['speedup_vs_ar']:.2f} | "
+                         f"{auto['speedup_vs_ar']:.2f} | {ran} | {same} |")
+    return lines + [""]
+
+
+def forward_section(results: Path) -> list[str]:
+    rows = []
+    for path in sorted(results.glob("forward_paths_*.json")):
+        rows += json.loads(path.read_text())["rows"]
+    if not rows:
+        return []
+    lines = ["## The forward, per path", "",
+             "`python benchmarks/forward_paths.py --threads N [--compile]`: embedded target, KV of 300 tokens, "
+             "median ms per call.", "",
+             "| dtype | threads | eager 1 token | eager 5 tokens | compiled 1 token | first compile s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        comp = f"{r['compiled_1_ms']:.1f}" if "compiled_1_ms" in r else "-"
+        cs = f"{r['compile_s']:.0f}" if "compile_s" in r else "-"
+        lines.append(f"| {r['dtype']} | {r['threads']} | {r['eager_1_ms']:.1f} | {r['eager_5_ms']:.1f} | {comp} | {cs} |")
+    return lines + [""]
+
+
+def peers_section(results: Path) -> list[str]:
+    files = sorted(results.glob("peers_*.json"))
+    if not files:
+        return []
+    lines = ["## saguaro AR against llama.cpp on the same GGUF", "",
+             "`benchmarks/record_peers.sh`: `saguaro bench --threads N [--dtype bfloat16] --modes ar,llamacpp"
+             "[,llamacpp-f32] --num-prompts 2 --max-tokens 64` (greedy; tokens/s over whole requests, prefill "
+             "included; llamacpp runs the embedded Q4_1 file, llamacpp-f32 the same weights in F32).", "",
+             "| our dtype | threads | dataset | saguaro AR tok/s | llama.cpp Q4_1 | AR / Q4_1 | llama.cpp F32 | AR / F32 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for path in files:
+        data = json.loads(path.read_text())
+        dtype = "bfloat16" if "bf16" in path.name else "float32"
+        for dataset, res in data["results"].items():
+            ar, q4, f32 = res["ar"]["tokens_per_s"], res["llamacpp"]["tokens_per_s"], res.get("llamacpp-f32")
+            f32_cells = f"{f32['tokens_per_s']:.1f} | {ar / f32['tokens_per_s']:.2f}" if f32 else "- | -"
+            lines.append(f"| {dtype} | {data['config']['threads']} | {dataset} | {ar:.1f} | {q4:.1f} | {ar / q4:.2f} | "
+                         f"{f32_cells} |")
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default="docs/results")
+    ap.add_argument("--out", default="docs/auto.md")
+    args = ap.parse_args()
+    results = Path(args.results)
+    lines = ["# mode auto and the forward: one recorded run", "",
+             f"Generated by `benchmarks/auto_md.py` from `benchmarks/record_auto.sh`; CPU: {cpu_line(results)}.",
+             "Absolute numbers move ~10% between runs on this VM; read the ratios within a row.", ""]
+    lines += serve_section(results) + auto_section(results) + forward_section(results) + peers_section(results)
+    Path(args.out).write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

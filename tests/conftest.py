@@ -54,3 +54,15 @@ def _embedded():
 def embedded():
     """(gguf path, model, tokenizer) of the embedded SmolLM2-135M target, loaded once."""
     return _embedded()
+
+
+@pytest.fixture(scope="session")
+def draft_dir(embedded, tmp_path_factory):
+    """A small (untrained) draft of the embedded target saved like a distilled one: acceptance is
+    irrelevant to exactness."""
+    from saguaro.distill.draft import build_draft, save_draft
+
+    _, target, _ = embedded
+    path = tmp_path_factory.mktemp("draft")
+    save_draft(build_draft(target, [0, 1], list(range(4096))), path, dtype=torch.float32)
+    return path

@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-from saguaro.distill.draft import build_draft, save_draft
 from saguaro.engine.sequence import Sequence
 from saguaro.sampling import SamplingParams
 from saguaro.ssd.channel import TOKEN_ENV
@@ -20,15 +19,6 @@ PROMPTS = ["def is_prime(n):", "List three colors of the rainbow:"]
 SECRET = "s3cret-for-tests"
 SERVING = "serving an engine"
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def draft_dir(embedded, tmp_path_factory):
-    """A small (untrained) draft saved like a distilled one: acceptance is irrelevant to exactness."""
-    _, target, _ = embedded
-    path = tmp_path_factory.mktemp("draft")
-    save_draft(build_draft(target, [0, 1], list(range(4096))), path, dtype=torch.float32)
-    return path
 
 
 class Worker:

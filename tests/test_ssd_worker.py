@@ -4,22 +4,11 @@ import os
 import signal
 
 import pytest
-import torch
 
-from saguaro.distill.draft import build_draft, save_draft
 from saguaro.engine.sequence import Sequence
 from saguaro.sampling import SamplingParams
 
 PROMPTS = ["def is_prime(n):", "List three colors of the rainbow:", "Hello! How are you today?", "x = [1, 2, 3]\n"]
-
-
-@pytest.fixture(scope="module")
-def draft_dir(embedded, tmp_path_factory):
-    """A small (untrained) draft saved like a distilled one: acceptance is irrelevant to exactness."""
-    _, target, _ = embedded
-    path = tmp_path_factory.mktemp("draft")
-    save_draft(build_draft(target, [0, 1], list(range(4096))), path, dtype=torch.float32)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -133,8 +133,7 @@ class SSDEngine(Engine):
 
     def prefill(self, seqs) -> None:
         if self.round_rule is not None:  # prefill on the cores the next round will have
-            batch = self.running + seqs
-            self._enter(self.round_rule(len(batch), sum(not s.params.greedy for s in batch)).mode)
+            self._enter(self._choose(self.running + seqs).mode)
         super().prefill(seqs)
 
     def _resync_drafter(self) -> None:
@@ -173,7 +172,7 @@ class SSDEngine(Engine):
     def decode_round(self) -> None:
         if self.round_rule is not None:
             seqs = self.running
-            choice = self.round_rule(len(seqs), sum(not s.params.greedy for s in seqs))
+            choice = self._choose(seqs)
             self._enter(choice.mode)
             for s in seqs:
                 s.stats.auto_reason = choice.reason
@@ -187,11 +186,15 @@ class SSDEngine(Engine):
                 self._resync_drafter()
         self._speculative_round()
 
+    def _choose(self, seqs) -> RoundChoice:
+        return self.round_rule(len(seqs), sum(not s.params.greedy for s in seqs))
+
     def _enter(self, mode: str) -> None:
         """AR rounds give the target every core (the worker idles); SSD rounds leave the worker its own."""
         alone = mode == "ar"
         # also re-pin if someone else moved the threads (a benchmark placing modes in turn)
-        if self.cores is not None and (mode != self._round_mode or torch.get_num_threads() != self.cores.threads(alone)):
+        moved = self.cores is not None and torch.get_num_threads() != self.cores.threads(alone)
+        if self.cores is not None and (mode != self._round_mode or moved):
             self.cores.pin_target(alone)
         self._round_mode = mode
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
+
+# Tests run the eager float32 forward unless they ask otherwise (tests/test_compiled.py builds its own
+# compiled step): compiling every model a test loads would take minutes, and exactness is checked per
+# dtype and path where it matters. Subprocesses the tests start inherit these.
+os.environ.setdefault("SAGUARO_COMPILE", "0")
+os.environ.setdefault("SAGUARO_DTYPE", "float32")
 
 
 def tiny_hf_model(arch: str, seed: int = 0, vocab: int = 96, layers: int = 2):

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from saguaro.engine.auto import RoundChoice, choose_round
+from saguaro.engine.auto import MeasuredRounds, RoundChoice, StaticRule, choose_round
 from saguaro.engine.base import AREngine
 from saguaro.engine.sequence import Sequence
 from saguaro.engine.ssd import LocalDrafter, SSDEngine
@@ -37,6 +37,9 @@ class Alternating:
         self.calls += 1
         return RoundChoice(mode, f"test: {mode}")
 
+    def observe(self, choice, batch, sampled, seconds, tokens) -> None:
+        pass
+
 
 def auto_engine(target, draft, k, rule, vocab=VOCAB, max_batch=64):
     drafter = SSDDrafter(draft, vocab, k, geometric_fanout(3 * (k + 1), k, 0.7, 0.6))
@@ -44,14 +47,15 @@ def auto_engine(target, draft, k, rule, vocab=VOCAB, max_batch=64):
                      round_rule=rule)
 
 
-@pytest.mark.parametrize("rule", ["choose_round", "ssd-first", "ar-first", "ar-stretch"])
+@pytest.mark.parametrize("rule", ["choose_round", "measured", "ssd-first", "ar-first", "ar-stretch"])
 def test_greedy_auto_equals_ar_across_switches(rule):
     params = SamplingParams(temperature=0, max_tokens=24)
     ran = {"ar": 0, "ssd": 0}
     for seed, k, batch in itertools.product(range(2), (2, 4), (1, 3)):
         target = tiny_model(seed, VOCAB)
         draft = perturbed(target, seed, 0.05)
-        make = {"choose_round": lambda: choose_round, "ssd-first": lambda: Alternating("ssd"),
+        make = {"choose_round": StaticRule, "measured": lambda: MeasuredRounds(warmup=2, explore_every=3),
+                "ssd-first": lambda: Alternating("ssd"),
                 "ar-first": lambda: Alternating("ar"), "ar-stretch": lambda: Alternating("ar", period=3)}[rule]
         ps = prompts(seed * 10 + k, batch)
         want, _ = run(AREngine(target, STOP), ps, params)
@@ -114,7 +118,7 @@ def test_drafter_skips_ar_batches_and_resyncs_when_one_row_is_left():
     ps = prompts(7, 3)
     seqs = [Sequence(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p, n in zip(ps, lengths)]
     drafter = SSDDrafter(draft, VOCAB, k, geometric_fanout(3 * (k + 1), k, 0.7, 0.6))
-    engine = SSDEngine(target, LocalDrafter(drafter), k, STOP, round_rule=choose_round)
+    engine = SSDEngine(target, LocalDrafter(drafter), k, STOP, round_rule=StaticRule())
     for s in seqs:
         engine.add(s)
     engine.step()  # prefill of the batch and its first (AR) round
@@ -126,3 +130,35 @@ def test_drafter_skips_ar_batches_and_resyncs_when_one_row_is_left():
         assert s.output_ids == want[0]
     last = seqs[-1].stats
     assert last.ar_rounds > 0 and last.rounds > 0 and last.cache_hits > 0
+
+
+def test_measured_rule_tries_both_then_keeps_the_faster_and_re_measures():
+    rule = MeasuredRounds(warmup=2, explore_every=5, explore_rounds=2)
+    modes = []
+    for _ in range(20):
+        choice = rule(1, 0)
+        modes.append(choice.mode)
+        # SSD emits 2 tokens in 30 ms, AR 1 token in 20 ms: SSD is faster per token
+        rule.observe(choice, 1, 0, 0.030 if choice.mode == "ssd" else 0.020, 2 if choice.mode == "ssd" else 1)
+    assert modes[:4] == ["ssd", "ssd", "ar", "ar"]
+    assert modes[4:9] == ["ssd"] * 5  # the faster one
+    assert modes[9:11] == ["ar", "ar"]  # then the slower one again, briefly
+    assert modes[11:16] == ["ssd"] * 5
+    assert "ssd measured faster" in rule(1, 0).reason
+    # the bands are measured apart: sampled rows start over, and batches run AR
+    assert rule(1, 1).mode == "ssd" and "sampled: measuring" in rule(1, 1).reason
+    assert rule(4, 0).mode == "ar"
+
+
+def test_measured_rule_follows_a_change_in_speed():
+    rule = MeasuredRounds(warmup=1, explore_every=4, explore_rounds=2)
+    ssd_s = 0.010
+    seen = []
+    for i in range(60):
+        choice = rule(1, 0)
+        seen.append(choice.mode)
+        if i == 20:
+            ssd_s = 0.050  # SSD turns slow (say, the draft stops matching)
+        rule.observe(choice, 1, 0, ssd_s if choice.mode == "ssd" else 0.020, 1)
+    assert seen[10:20].count("ssd") > seen[10:20].count("ar")
+    assert seen[50:].count("ar") > seen[50:].count("ssd")

@@ -209,10 +209,23 @@ def bench(llm, modes: list[str], datasets: list[str], num_prompts: int, max_toke
     return {
         "config": {"modes": modes, "datasets": datasets, "num_prompts": num_prompts, "max_tokens": max_tokens,
                    "temperature": temperature, "k": k, "batch_size": batch_size, "seed": seed,
-                   "threads": torch.get_num_threads(),
+                   "threads": torch.get_num_threads(), "dtype": str(llm.target.dtype).removeprefix("torch."),
+                   "compiled": llm.target.compiled is not None, "cpu": _cpu_flags(),
                    "ssd": ssd.as_json() if "ssd" in modes else None},
         "results": results,
     }
+
+
+def _cpu_flags() -> str:
+    """The CPU model and the vector flags that decide kernel speed, to sit beside every number."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{model} ({' '.join(wanted)})"
 
 
 def format_table(report: dict) -> str:

@@ -44,7 +44,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="target checkpoint: HF directory or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--draft", help="draft checkpoint, or 'ngram' (default: the embedded distilled draft)")
     p.add_argument("--k", type=_positive_int, default=4, help="draft tokens per round (default: 4)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64", "bfloat16", "float16"],
+                   help="auto (default): bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX), else float32")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run the eager forward (default: decode and verification steps compiled for this CPU, "
+                        "built once per machine and cached)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=_positive_int, help="torch threads for the target")
     s = p.add_argument_group("ssd")
@@ -126,7 +130,8 @@ def make_llm(args):
         raise UsageError(f"--draft-worker drafts for SSD: use --mode ssd or auto, not {args.mode}")
     ssd = ssd_options(args) if args.mode in ("ssd", "auto") else None
     return LLM(args.target, mode=args.mode, draft=args.draft, k=args.k, dtype=args.dtype,
-               device=args.device, threads=args.threads, ssd=ssd)
+               device=args.device, threads=args.threads, ssd=ssd,
+               compile=None if args.compile else False)
 
 
 def cmd_generate(args) -> None:

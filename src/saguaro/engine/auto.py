@@ -1,28 +1,49 @@
 """What `mode="auto"` runs for one decode round: speculation (SSD) or plain decoding (AR).
 
 Every mode verifies against the same target distribution, so this choice moves speed, never the
-output distribution. Until the engine measures each candidate's tokens/s as it runs, the rule is
-the conservative one the recorded runs support (2-core AMD EPYC, held-out chat prompts, ABAB):
+output distribution. Two rules:
 
-- b = 1, greedy: SSD was 1.06-1.11x AR given both cores, so SSD runs;
-- any sampled row: SSD was 0.94-0.99x AR at T=1 (the server's default), so AR runs;
-- b > 1: 8 concurrent server clients got under half of plain batched decoding from SSD, since
-  verifying K+1 tokens per row turns compute-bound as the batch grows, so AR runs.
+- `choose_round`, the static rule the recorded eager runs supported (2-core AMD EPYC, held-out chat
+  prompts): SSD only for one greedy row; sampled rows and batches run AR.
+- `MeasuredRounds`, the default: for one row, per band (greedy or sampled), the mode whose measured
+  seconds per emitted token are lower, each tried for a few rounds first and the loser re-tried now
+  and then so its estimate stays honest. It measures what the rule cannot know in advance: a
+  compiled one-token step made AR 2.5x faster while verification of K+1 tokens gained far less, and
+  a better draft moves the balance back. Batches keep AR: under 8 concurrent server clients SSD gave
+  under half of plain batched decoding (verifying K+1 tokens per row turns compute-bound).
 
-When AR runs, the target takes every core and the draft worker idles; SSD resumes when the batch
-is back to one greedy row (the drafter catches up on the tokens it missed with one just-in-time
-draft).
+When AR runs, the target takes every core and the draft worker idles; SSD resumes when the rule says
+so (the drafter catches up on the tokens it missed with one just-in-time draft, a cost the next SSD
+round's time includes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
 class RoundChoice:
     mode: str  # "ssd" or "ar"
     reason: str  # why, for metrics["auto_reason"]
+
+
+class RoundRule(Protocol):
+    def __call__(self, batch: int, sampled_rows: int) -> RoundChoice: ...
+
+    def observe(self, choice: RoundChoice, batch: int, sampled_rows: int, seconds: float, tokens: int) -> None:
+        """The round just run under `choice` took `seconds` and emitted `tokens` tokens in all."""
+
+
+class StaticRule:
+    def __call__(self, batch: int, sampled_rows: int) -> RoundChoice:
+        return choose_round(batch, sampled_rows)
+
+    def observe(self, choice, batch, sampled_rows, seconds, tokens) -> None:
+        pass
 
 
 def choose_round(batch: int, sampled_rows: int) -> RoundChoice:
@@ -32,3 +53,66 @@ def choose_round(batch: int, sampled_rows: int) -> RoundChoice:
     if batch > 1:
         return RoundChoice("ar", f"batch {batch} > 1: SSD measured below batched AR")
     return RoundChoice("ssd", "one greedy row: SSD measured above AR")
+
+
+@dataclass
+class ModeClock:
+    """Seconds per emitted token of one mode in one band: the median of its last `window` rounds, so
+    one stalled round (a page fault, a thread preempted on a busy machine) does not decide for 60."""
+
+    window: int = 8
+    samples: deque = field(default_factory=deque)
+    rounds: int = 0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        self.samples.append(seconds / max(tokens, 1))
+        if len(self.samples) > self.window:
+            self.samples.popleft()
+        self.rounds += 1
+
+    @property
+    def per_token_s(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.per_token_s if self.per_token_s else 0.0
+
+
+@dataclass
+class MeasuredRounds:
+    """At one row: the faster mode per band as measured; `warmup` rounds of each first (SSD first),
+    then `explore_rounds` of the slower every `explore_every` rounds. Batches run AR."""
+
+    warmup: int = 4
+    explore_every: int = 64
+    explore_rounds: int = 2
+    clocks: dict[tuple[str, str], ModeClock] = field(default_factory=dict)
+    _since_explore: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, batch: int, sampled_rows: int) -> RoundChoice:
+        if batch > 1:
+            return RoundChoice("ar", f"batch {batch} > 1: SSD measured below batched AR")
+        band = "sampled" if sampled_rows else "greedy"
+        ssd, ar = self._clock(band, "ssd"), self._clock(band, "ar")
+        for mode, clock in (("ssd", ssd), ("ar", ar)):
+            if clock.rounds < self.warmup:
+                return RoundChoice(mode, f"{band}: measuring {mode} ({clock.rounds + 1}/{self.warmup})")
+        best, other = ("ssd", "ar") if ssd.per_token_s <= ar.per_token_s else ("ar", "ssd")
+        speeds = f"ssd {ssd.tokens_per_s:.1f} vs ar {ar.tokens_per_s:.1f} tok/s"
+        since = self._since_explore.get(band, 0)
+        if since >= self.explore_every:
+            if since >= self.explore_every + self.explore_rounds - 1:
+                self._since_explore[band] = -1
+            else:
+                self._since_explore[band] = since + 1
+            return RoundChoice(other, f"{band}: re-measuring {other} ({speeds})")
+        self._since_explore[band] = since + 1
+        return RoundChoice(best, f"{band}: {best} measured faster ({speeds})")
+
+    def observe(self, choice: RoundChoice, batch: int, sampled_rows: int, seconds: float, tokens: int) -> None:
+        if batch == 1:
+            self._clock("sampled" if sampled_rows else "greedy", choice.mode).add(seconds, tokens)
+
+    def _clock(self, band: str, mode: str) -> ModeClock:
+        return self.clocks.setdefault((band, mode), ModeClock())

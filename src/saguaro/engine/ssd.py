@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saguaro.engine.auto import RoundChoice
+from saguaro.engine.auto import RoundChoice, RoundRule
 from saguaro.engine.base import Engine, decode_one_token
 from saguaro.engine.verify import verify
 from saguaro.models.transformer import CausalLM
@@ -69,15 +69,15 @@ class SSDEngine(Engine):
     def __init__(self, target: CausalLM, drafter: Drafter, k: int, stop_token_ids: set[int],
                  max_batch_size: int = 64, local_fallback: Callable[[], Drafter] | None = None,
                  policy: SaguaroPolicy | None = None, prompt_lookup_min_match: int = 0,
-                 round_rule: Callable[[int, int], RoundChoice] | None = None):
+                 round_rule: RoundRule | None = None):
         """local_fallback: makes an in-process drafter to finish with if the worker fails.
         policy: fan-out and fallback per round; required for a remote drafter, default for a
         LocalDrafter: the fan-out and fallback it was built with, never refitted.
         prompt_lookup_min_match: greedy rows repeating their last n >= this many tokens take the
         prompt-lookup continuation ahead of the cache (0: never); an attribute, so it can change
         between requests.
-        round_rule: mode "auto": (batch, sampled rows) -> whether the next round speculates or runs AR
-        (engine/auto.py); None always speculates."""
+        round_rule: mode "auto": whether the next round speculates or runs AR, told how each round
+        went (engine/auto.py); None always speculates."""
         super().__init__(target, stop_token_ids, max_batch_size)
         self.round_rule = round_rule
         if round_rule is not None:
@@ -170,21 +170,28 @@ class SSDEngine(Engine):
                 del table[sid]
 
     def decode_round(self) -> None:
-        if self.round_rule is not None:
-            seqs = self.running
-            choice = self._choose(seqs)
-            self._enter(choice.mode)
-            for s in seqs:
-                s.stats.auto_reason = choice.reason
-            if choice.mode == "ar":
-                decode_one_token(self.target, self.cache, seqs, self.stop_ids)
-                for s in seqs:  # no speculation was verified: the drafter's tree for these rows is stale
-                    s.stats.ar_rounds += 1
-                    self.outcome.pop(s.id, None)
-                return
+        if self.round_rule is None:
+            self._speculative_round()
+            return
+        seqs = list(self.running)
+        choice = self._choose(seqs)
+        sampled = sum(not s.params.greedy for s in seqs)
+        before = sum(len(s.output_ids) for s in seqs)
+        t0 = time.perf_counter()
+        self._enter(choice.mode)
+        for s in seqs:
+            s.stats.auto_reason = choice.reason
+        if choice.mode == "ar":
+            decode_one_token(self.target, self.cache, seqs, self.stop_ids)
+            for s in seqs:  # no speculation was verified: the drafter's tree for these rows is stale
+                s.stats.ar_rounds += 1
+                self.outcome.pop(s.id, None)
+        else:
             if not self._drafter_synced:
                 self._resync_drafter()
-        self._speculative_round()
+            self._speculative_round()
+        emitted = sum(len(s.output_ids) for s in seqs) - before
+        self.round_rule.observe(choice, len(seqs), sampled, time.perf_counter() - t0, emitted)
 
     def _choose(self, seqs) -> RoundChoice:
         return self.round_rule(len(seqs), sum(not s.params.greedy for s in seqs))

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from saguaro.engine.auto import choose_round
+from saguaro.engine.auto import MeasuredRounds
 from saguaro.engine.ssd import CoreSplit, SSDEngine
 from saguaro.loader import resolve_checkpoint
 from saguaro.speculators.draft import check_draft_checkpoint, load_draft
@@ -79,7 +79,7 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k: int, stop: se
             fallback=policy.next_fallback(1)))
     engine = SSDEngine(target, drafter, k, stop, max_batch_size, local_fallback=local if o.worker else None,
                        policy=policy, prompt_lookup_min_match=o.prompt_lookup_min_match,
-                       round_rule=choose_round if o.auto else None)
+                       round_rule=MeasuredRounds() if o.auto else None)
     engine.degraded = degraded
     engine.cores = cores_split
     return engine

@@ -34,6 +34,7 @@ _PACKED_DTYPES = (torch.float32, torch.bfloat16) if native_bf16() else (torch.fl
 class Linear(nn.Linear):
     _packed: torch.Tensor | None = None
     _packed_version: int = -1
+    prepack: bool = True  # False: no packed copy (a compiled step holds the model's packed weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._use_packed(x):
@@ -47,8 +48,14 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
     def _use_packed(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype in _PACKED_DTYPES and self.weight.dtype == x.dtype
+        return (self.prepack and x.device.type == "cpu" and x.dtype in _PACKED_DTYPES and self.weight.dtype == x.dtype
                 and not torch.is_grad_enabled() and _MKLDNN and torch.backends.mkldnn.enabled)
+
+    def drop_packed(self) -> None:
+        """Stop packing (and free any packed copy): the eager forward then serves only calls of many
+        rows, where packing gains little."""
+        self.prepack = False
+        self._packed, self._packed_version = None, -1
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: any packed copy is stale
         self._packed, self._packed_version = None, -1

@@ -34,6 +34,8 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, len(out_ids) if out_ids else config.vocab_size, bias=False)
         if config.tie_embeddings and not out_ids:
             self.lm_head.weight = self.embed.weight
+        # The compiled small forwards (models/compiled.py), when attached; calls they cover go there.
+        self.compiled = None
         # Target-vocabulary id of each output row; None means the head covers the whole vocabulary.
         self.register_buffer(
             "output_token_ids", torch.tensor(out_ids, dtype=torch.long) if out_ids else None, persistent=False
@@ -80,6 +82,9 @@ class CausalLM(nn.Module):
             mask = torch.arange(span, device=input_ids.device) <= positions[:, :, None]
         cos, sin = self.rotary(positions, int(positions.max()), self.dtype)
         mask = mask[:, None]  # broadcast over heads
+        if self.compiled is not None and not return_hidden and self.compiled.accepts(b, t):
+            wanted = logits_at if logits_at is not None else torch.arange(t, device=input_ids.device).expand(b, t)
+            return self.compiled(input_ids, cos, sin, slots, mask, wanted, cache.k, cache.v)
         h = self.embed(input_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, cache, slots, mask)

@@ -1,0 +1,238 @@
+"""The target's small forwards (a decode step, a K+1 verification) compiled ahead of time for this CPU.
+
+AOTInductor turns the whole step (embedding, every layer's projections and MLP, norm, output head)
+into one shared library whose GEMMs are inductor's C++ micro-kernels over weights packed at compile
+time: on a 2-core AMD EPYC (AVX-512, AVX512_BF16) one bfloat16 token took 15.7 ms against 38-42 eager
+(`benchmarks/forward_paths.py`). The cache write and the attention stay outside the graph, as the
+custom op `saguaro::cached_attention`, so one library serves every cache length with no
+recompilation. Row and query counts are fixed per library (inductor's GEMMs are fast only near the
+row count they were tuned for); other shapes (prefills, batches, draft trees) run eager.
+
+Exactness: with inductor rounding half-precision intermediates where eager would
+(`emulate_precision_casts`) and the attention's sums order-free (models/attention.py), a token's
+logits from the 5-token library equal bitwise those from the 1-token one (tests/test_compiled.py), so
+greedy SD and SSD stay token-identical to AR on the compiled path.
+
+A library is built once per (weights, dtype, code, torch, CPU, thread count) and kept under the
+user's cache directory; later starts load it in about a second. It holds the packed weights, so the
+eager model then keeps no packed copy of its own (`Linear.drop_packed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saguaro.models import attention as attention_module
+from saguaro.models import layers as layers_module
+from saguaro.models.attention import cached_attention
+from saguaro.models.layers import apply_rope
+
+log = logging.getLogger(__name__)
+
+
+
+class _Step(nn.Module):
+    """One forward of `model` over explicit tensors (everything a graph needs, nothing it must guess)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, cos, sin, slots, mask, logits_at, k_cache, v_cache):
+        m = self.model
+        b, t = ids.shape
+        h = m.embed(ids)
+        for i, layer in enumerate(m.layers):
+            a = layer.attn
+            x = layer.attn_norm(h)
+            q, k, v = F.linear(x, a.qkv.weight, a.qkv.bias).split(a.split, dim=-1)
+            q = q.view(b, t, a.num_heads, a.head_dim)
+            k = k.view(b, t, a.num_kv_heads, a.head_dim)
+            if a.q_norm is not None:
+                q, k = a.q_norm(q), a.k_norm(k)
+            q = apply_rope(q.transpose(1, 2), cos, sin)
+            k = apply_rope(k.transpose(1, 2), cos, sin)
+            v = v.view(b, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            out = cached_attention(q, k, v, k_cache, v_cache, i, slots, mask)
+            h = h + F.linear(out.transpose(1, 2).reshape(b, t, -1), a.o.weight)
+            gate, up = F.linear(layer.mlp_norm(h), layer.mlp.gate_up.weight).split(layer.mlp.intermediate, -1)
+            h = h + F.linear(F.silu(gate) * up, layer.mlp.down.weight)
+        h = torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
+        return F.linear(m.norm(h), m.lm_head.weight).float()
+
+
+@dataclass
+class StepStats:
+    compiled_calls: int = 0
+    build_s: float = 0.0  # seconds spent compiling in this process (0 when loaded from the cache)
+    load_s: float = 0.0
+
+
+class CompiledStep:
+    """The compiled libraries of one model, one per (query count, torch threads): a decode step, a
+    K+1 verification, each for one sequence at a time. The thread count is baked into a library's
+    GEMM blocking, so AR with every core and SSD's target on its share of them use different ones.
+    `accepts` says whether a call has a library; the model runs eager otherwise."""
+
+    def __init__(self, model: nn.Module, cache_dir: Path, progress: bool = True):
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self.key = fingerprint(model)
+        self.paths: list[Path] = []
+        self.stats = StepStats()
+        self._model = model
+        self._runners: dict[tuple[int, int], object] = {}
+
+    def ensure(self, tokens: int, threads: int | None = None) -> bool:
+        """Load (or build, minutes, once per machine) the library for `tokens` queries at `threads`
+        torch threads (default: the current count). False, with a warning, where it cannot be built."""
+        threads = threads or torch.get_num_threads()
+        if (tokens, threads) in self._runners:
+            return True
+        path = self.cache_dir / f"{self.key}-t{tokens}-j{threads}.pt2"
+        try:
+            if not path.exists():
+                t0 = time.perf_counter()
+                what = f"compiling the model for this CPU ({tokens}-token step, {threads} threads), once"
+                with _progress_line(what, self.progress), _num_threads(threads):
+                    _build(self._model, path, tokens)
+                self.stats.build_s += time.perf_counter() - t0
+                log.info("built the %d-token step in %.0fs: %s", tokens, time.perf_counter() - t0, path)
+            t0 = time.perf_counter()
+            self._runners[tokens, threads] = torch._inductor.aoti_load_package(str(path))
+            self.stats.load_s += time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the (always correct) eager forward
+            log.warning("no compiled %d-token step, running eager: %s", tokens, str(exc).splitlines()[0][:300])
+            return False
+        self.paths.append(path)
+        return True
+
+    def accepts(self, rows: int, tokens: int) -> bool:
+        return rows == 1 and (tokens, torch.get_num_threads()) in self._runners
+
+    def __call__(self, ids, cos, sin, slots, mask, logits_at, k_cache, v_cache) -> torch.Tensor:
+        self.stats.compiled_calls += 1
+        args = (ids, cos, sin, slots, mask, logits_at, k_cache, v_cache)
+        return self._runners[ids.shape[1], torch.get_num_threads()](*(a.contiguous() for a in args))
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Everything a library depends on but its thread count: the weights' bytes, dtype, the code it
+    was traced from, torch and the CPU."""
+    digest = hashlib.blake2b(digest_size=16)
+    for module in (attention_module, layers_module, sys.modules[__name__]):
+        digest.update(Path(module.__file__).read_bytes())
+    meta = {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "config": repr(model.config)}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def compile_step(model: nn.Module, cache_dir: Path, plan: list[tuple[int, int | None]] = ((1, None),),
+                 progress: bool = True) -> CompiledStep | None:
+    """The model's compiled step for each (query count, threads) in `plan`, built now (a minute or
+    two each, once per machine) or loaded from `cache_dir` (about a second). None where the first
+    cannot be built here (no C++ compiler, an unsupported model, not a CPU): the caller keeps the
+    eager forward, which is always correct."""
+    if model.device.type != "cpu":
+        return None
+    step = CompiledStep(model, cache_dir, progress)
+    for tokens, threads in plan:
+        if not step.ensure(tokens, threads):
+            return None if not step.paths else step
+    return step
+
+
+class _num_threads:
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def example_inputs(model: nn.Module, tokens: int, kv: int = 64):
+    cache = model.new_cache(1, kv + 64)
+    positions = kv + torch.arange(tokens)[None]
+    span = -(-(kv + tokens) // 32) * 32
+    mask = (torch.arange(span) <= positions[:, :, None])[:, None]
+    cos, sin = model.rotary(positions, kv + tokens, model.dtype)
+    ids = torch.zeros(1, tokens, dtype=torch.long)
+    logits_at = torch.arange(tokens)[None]
+    return ids, cos, sin, positions, mask, logits_at, cache.k, cache.v
+
+
+def inductor_configs(dtype: torch.dtype, tokens: int) -> dict:
+    """Weights frozen in; GEMMs by inductor's C++ micro-kernels, except where oneDNN's prepacked
+    kernels measured faster: bfloat16 with several rows (inductor's bf16 kernel converts to float32
+    and turns compute-bound; oneDNN multiplies bf16 natively)."""
+    configs = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
+               "emulate_precision_casts": True}
+    if os.environ.get("SAGUARO_EXP_CFG"):
+        configs.update(json.loads(os.environ["SAGUARO_EXP_CFG"]))
+    return configs
+
+
+def _build(model: nn.Module, path: Path, tokens: int) -> None:
+    """Export the step with its row and query counts fixed (inductor's GEMMs are fastest for the row
+    count they were tuned for) and everything that grows dynamic: cache span, capacity, logits wanted."""
+    import torch._inductor
+
+    dim = torch.export.Dim
+    span, capacity = dim("span", min=1, max=1 << 20), dim("capacity", min=1, max=1 << 20)
+    wanted = dim("wanted", min=1, max=tokens) if tokens > 1 else None
+    shapes = (None, None, None, None, {3: span}, {1: wanted} if wanted else None, {3: capacity}, {3: capacity})
+    with torch.no_grad():
+        program = torch.export.export(_Step(model).eval(), example_inputs(model, tokens), dynamic_shapes=shapes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
+    torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                             inductor_configs=inductor_configs(model.dtype, tokens))
+    partial.replace(path)  # atomic: a crash never leaves a half-written library under the final name
+
+
+class _progress_line:
+    """A line counting the seconds of a long opaque call (the compile has no finer progress to show)."""
+
+    def __init__(self, what: str, enabled: bool):
+        self.what, self.enabled = what, enabled
+        self._done = threading.Event()
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(desc=self.what, bar_format="{desc}: {elapsed}", leave=True)
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        return self
+
+    def _tick(self):
+        while not self._done.wait(1.0):
+            self._bar.refresh()
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._done.set()
+            self._thread.join()
+            self._bar.close()

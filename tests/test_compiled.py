@@ -1,0 +1,130 @@
+"""The compiled decode/verify step: same logits as eager, greedy SD token-identical to AR on it, built
+once and then loaded from the on-disk cache, and an eager fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from saguaro.engine.base import AREngine
+from saguaro.engine.sequence import Sequence
+from saguaro.engine.speculative import SDEngine
+from saguaro.engine.speculators import NeuralSpeculator
+from saguaro.models import compiled as compiled_mod
+from saguaro.models.attention import invariant_attention
+from saguaro.models.compiled import compile_step
+from saguaro.models.linear import native_bf16
+from saguaro.sampling import SamplingParams
+from tests.tiny import perturbed, tiny_model
+
+VOCAB = 64
+DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
+
+
+def _model(dtype: torch.dtype):
+    return tiny_model(3, VOCAB, layers=2).to(dtype)
+
+
+@pytest.fixture(scope="module", params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def compiled_model(request, tmp_path_factory):
+    """A tiny model with its compiled 1- and 5-token steps, and the cache directory they live in."""
+    model = _model(request.param)
+    cache_dir = tmp_path_factory.mktemp("compiled")
+    step = compile_step(model, cache_dir, [(1, None), (5, None)], progress=False)
+    assert step is not None, "AOTInductor could not build the step on this machine"
+    model.compiled = step
+    return model, cache_dir
+
+
+def _logits(model, ids, cache, use_compiled):
+    saved = model.compiled
+    model.compiled = saved if use_compiled else None
+    try:
+        return model(ids, cache)
+    finally:
+        model.compiled = saved
+
+
+def test_compiled_matches_eager(compiled_model):
+    model, _ = compiled_model
+    tol = 1e-4 if model.dtype == torch.float32 else 0.1
+    prompt = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    for tokens in (1, 5):
+        caches = [model.new_cache(1, 64) for _ in range(2)]
+        for cache in caches:
+            model(prompt, cache)  # eager prefill (40 rows)
+            cache.lengths[:] = 40
+        ids = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+        before = model.compiled.stats.compiled_calls
+        got = _logits(model, ids, caches[0], True)
+        want = _logits(model, ids, caches[1], False)
+        assert model.compiled.stats.compiled_calls == before + 1
+        assert got.shape == want.shape == (1, tokens, VOCAB)
+        assert (got - want).abs().max() < tol
+        # the compiled call wrote the new tokens' keys and values into the cache, as the eager one does
+        written = slice(40, 40 + tokens)
+        for got_kv, want_kv in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+            assert got_kv[:, :, :, written].abs().sum() > 0
+            assert (got_kv[:, :, :, written].float() - want_kv[:, :, :, written].float()).abs().max() < tol
+
+
+def test_greedy_sd_equals_ar_on_compiled_step(compiled_model):
+    model, _ = compiled_model
+    draft = perturbed(_model(torch.float64), 1, 0.05).to(model.dtype)
+    params = SamplingParams(temperature=0, max_tokens=64)
+    prompts = [[5, 9, 17, 3, 22, 9, 17], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    for p in prompts:
+        outs = []
+        for engine in (AREngine(model, set()), SDEngine(model, NeuralSpeculator(draft, VOCAB), 4, set())):
+            seq = Sequence(p, params)
+            engine.run([seq])
+            outs.append(seq.output_ids)
+        assert len(outs[0]) == 64
+        assert outs[0] == outs[1]
+
+
+def test_generation_never_recompiles_and_second_start_loads(compiled_model, monkeypatch):
+    """A 64-token generation calls the built library at every decode step and never compiles; a
+    second start loads the libraries and builds nothing."""
+    model, cache_dir = compiled_model
+    built = []
+    monkeypatch.setattr(compiled_mod, "_build", lambda *a: built.append(a))
+    again = compile_step(model, cache_dir, [(1, None), (5, None)], progress=False)
+    assert again is not None and built == [] and again.stats.build_s == 0.0
+    assert len(again.paths) == 2 and again.stats.load_s > 0
+    assert not again.accepts(1, 3) and not again.accepts(2, 1)  # no library: eager
+    calls = model.compiled.stats.compiled_calls
+    seq = Sequence([4, 8, 15, 16, 23, 42], SamplingParams(temperature=0, max_tokens=64))
+    AREngine(model, set()).run([seq])
+    assert model.compiled.stats.compiled_calls - calls == 63  # every decode step after the prefill
+    assert built == []
+
+
+def test_build_failure_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(compiled_mod, "_build", broken)
+    with caplog.at_level(logging.WARNING):
+        assert compile_step(_model(torch.float32), tmp_path, [(1, None)], progress=False) is None
+    assert "running eager" in caplog.text and "no C++ compiler here" in caplog.text
+
+
+def test_invariant_attention_is_invariant_to_query_count_and_span():
+    """The same query gives bitwise the same output alone or among others, whatever the span."""
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 400, 16, generator=g), torch.randn(1, 2, 400, 16, generator=g)
+    q = torch.randn(1, 4, 8, 16, generator=g)
+    mismatches = 0
+    for p in range(1, 300, 13):
+        ref = None
+        for t in (1, 3, 5, 8):
+            for extra in (0, 32, 64):
+                span = -(-(p + t) // 32) * 32 + extra
+                mask = (torch.arange(span)[None] <= (p + torch.arange(t))[:, None])[None, None]
+                out = invariant_attention(q[:, :, :t], k[:, :, :span], v[:, :, :span], mask)[:, :, 0]
+                ref = out if ref is None else ref
+                mismatches += int(not torch.equal(out, ref))
+    assert mismatches == 0

@@ -183,15 +183,17 @@ def _process(flat: torch.Tensor, params: list[SamplingParams], history: History 
     if any(p.logit_bias for p in params):
         bias = torch.zeros(b, vocab, dtype=flat.dtype)
         for i, p in enumerate(params):
-            for token, value in p.logit_bias.items():
-                bias[i, token] = value
+            if p.logit_bias:
+                bias[i, list(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()), dtype=flat.dtype)
         flat = lp.apply_logit_bias(flat, bias.to(flat.device))
     if not any(p.needs_history for p in params):
         return flat
     if history is None or (positions > 1 and history.drafts is None):
         raise ValueError("penalties read the tokens so far: pass their History")
     out = lp.counts_with_drafts(lp.token_counts(history.outputs, vocab, flat.device), history.drafts, positions)
-    seen = (lp.token_counts(history.prompts, vocab, flat.device)[:, None] > 0) | (out > 0)
+    seen = out > 0
+    if any(p.repetition_penalty != 1 for p in params):  # the only one that reads the prompt
+        seen = seen | (lp.token_counts(history.prompts, vocab, flat.device)[:, None] > 0)
 
     def per_row(name):
         return torch.tensor([getattr(p, name) for p in params], dtype=flat.dtype, device=flat.device)

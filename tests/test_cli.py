@@ -45,6 +45,11 @@ def test_generate_json_on_embedded(capsys, embedded, prompts):
     (["--top-p", "0", "x"], "top_p"),
     (["--top-p", "1.5", "x"], "top_p"),
     (["--max-tokens", "0", "x"], "max_tokens"),
+    (["--presence-penalty", "3", "x"], "presence_penalty"),
+    (["--min-p", "1.5", "x"], "min_p"),
+    (["--repetition-penalty", "0", "x"], "repetition_penalty"),
+    (["--logprobs", "21", "x"], "logprobs"),
+    (["--mode", "ar", "--logit-bias", "99999999=1", "x"], "logit_bias"),
     ([], "no prompts"),
     ([""], "empty"),
     (["--target", "/definitely/not/here", "x"], "no such file"),
@@ -69,6 +74,32 @@ def test_generate_stop_ends_generation(capsys, embedded, stops):
     assert row["finish_reason"] == "stop"
     assert not any(s in row["text"] for s in stops)
     assert tokenizer.decode(row["token_ids"]) == row["text"] and len(row["token_ids"]) < 24
+
+
+def test_generate_n_logprobs_and_penalties(capsys, embedded):
+    """`--n`, `--logprobs` and the penalties reach the engine: choices under "choices", seeded per choice,
+    the greedy token the top of its log-probs, a banned token never emitted."""
+    tokenizer = embedded[2]
+    args = ["generate", "--json", "--mode", "ar", "--max-tokens", "6", "--ignore-eos", "def fibonacci"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    first = json.loads(out)["token_ids"][0]
+    code, out, err = run_cli(capsys, *args, "--logprobs", "2", "--frequency-penalty", "1.5",
+                             "--logit-bias", f"{first}=-100")
+    assert code == 0, err
+    row = json.loads(out)
+    assert first not in row["token_ids"] and "choices" not in row
+    for t, lp in zip(row["token_ids"], row["logprobs"]):
+        assert lp["token_id"] == t == lp["top_logprobs"][0][0] and lp["logprob"] == lp["top_logprobs"][0][1]
+        assert lp["token"] == tokenizer.decode([t]) and len(lp["top_logprobs"]) == 2
+    sampled = ["--temperature", "1.0", "--seed", "5", "--n", "3"]
+    code, out, err = run_cli(capsys, *args, *sampled)
+    assert code == 0, err
+    row = json.loads(out)
+    assert len(row["choices"]) == 3 and row["choices"][0]["token_ids"] == row["token_ids"]
+    assert len({tuple(c["token_ids"]) for c in row["choices"]}) > 1
+    code, again, _ = run_cli(capsys, *args, *sampled)
+    assert json.loads(again)["choices"] == row["choices"]  # reproducible
 
 
 def test_prompt_longer_than_context(capsys, embedded):

@@ -126,8 +126,9 @@ def chi2_pvalue(samples, probs):
         else:
             rest_e += e
             rest_o += counts.get(c, 0)
-    expected.append(rest_e)
-    observed.append(rest_o)
+    if rest_e > 0:  # (none left over when every cell is common enough)
+        expected.append(rest_e)
+        observed.append(rest_o)
     return chisquare(observed, expected).pvalue
 
 

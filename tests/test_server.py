@@ -7,6 +7,7 @@ One server (with an API key) serves the whole module from a thread; the greedy r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -44,6 +45,16 @@ def server():
         "seeded": llm.generate(PROMPT, SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=8))[0],
         "burst": {c: llm.generate(c, greedy(BURST_TOKENS), chat=True)[0].text for c in CHATS},
     }
+    with running_server(llm) as (base, srv):
+        model = httpx.get(f"{base}/v1/models", headers=auth()).json()["data"][0]["id"]
+        yield {"base": base, "model": model, "refs": refs, "tokenizer": llm.tokenizer, "engine": srv.engine}
+    llm.close()
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def running_server(llm):
+    """(base URL, server) of `llm` served from a thread, with the API key KEY."""
     from saguaro.serve.server import make_server
 
     srv = make_server(llm, api_key=KEY, grace_s=5)
@@ -56,13 +67,11 @@ def server():
     while not srv.started:
         assert thread.is_alive() and time.time() < deadline, "the server did not start"
         time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    model = httpx.get(f"{base}/v1/models", headers=auth()).json()["data"][0]["id"]
-    yield {"base": base, "model": model, "refs": refs, "tokenizer": llm.tokenizer, "engine": srv.engine}
-    srv.should_exit = True
-    thread.join(60)
-    llm.close()
-    torch.set_num_threads(threads)
+    try:
+        yield f"http://127.0.0.1:{port}", srv
+    finally:
+        srv.should_exit = True
+        thread.join(60)
 
 
 def auth(key: str = KEY) -> dict:
@@ -182,7 +191,7 @@ def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 422, "messages.0.role"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
     ("/v1/completions", {"prompt": [1] * 9000}, 400, "prompt"),  # over the context
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/v1/nowhere", {"prompt": "x"}, 404, None),

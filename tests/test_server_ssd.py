@@ -134,6 +134,33 @@ def test_ssd_chat_stream_equals_ar(embedded, ssd_server):
     assert 0 <= metrics["acceptance_rate"] <= 1 and 0 <= metrics["cache_hit_rate"] <= 1
 
 
+def test_ssd_logprobs_penalties_and_n_equal_ar(embedded, ssd_server):
+    """Through the SSD server (its verifier counting each round's drafts for the penalties): the same
+    tokens as AR, and the target's log-probs to 1e-4 (float32), for each of n=2 greedy choices."""
+    _, model, tokenizer = embedded
+    client = openai.OpenAI(base_url=ssd_server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    settings = dict(presence_penalty=0.5, frequency_penalty=1.0)
+    stream = client.chat.completions.create(model=ssd_server.health()["model"], stream=True, temperature=0,
+                                            max_tokens=16, n=2, logprobs=True, top_logprobs=2,
+                                            messages=[{"role": "user", "content": CHAT}], **settings)
+    content: dict[int, list] = {0: [], 1: []}
+    for chunk in stream:
+        for ch in chunk.choices:
+            content[ch.index] += ch.logprobs.content if ch.logprobs else []
+    ids = tokenizer.encode_chat([{"role": "user", "content": CHAT}])
+    seq = Sequence(ids, SamplingParams(temperature=0, max_tokens=16, logprobs=2, **settings))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        AREngine(model, tokenizer.stop_token_ids).run([seq])
+    finally:
+        torch.set_num_threads(threads)
+    for entries in content.values():
+        assert [e.top_logprobs[0].token for e in entries] == [e.token for e in entries]
+        assert b"".join(bytes(e.bytes) for e in entries) == b"".join(tokenizer.token_bytes(t) for t in seq.output_ids)
+        assert max(abs(e.logprob - t.logprob) for e, t in zip(entries, seq.logprobs)) < 1e-4
+
+
 def test_worker_killed_while_serving(embedded, ssd_server):
     worker = ssd_server.worker_pid()
     body = {"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0, "ignore_eos": True}

@@ -80,10 +80,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "of spawning one (its secret: $SAGUARO_WORKER_TOKEN)")
 
 
+def _logit_bias(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS like 13=-100, got {text!r}") from None
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below MIN_P x the top token's probability")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, -2..2, over the output tokens")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, -2..2, over the output tokens")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0 (1 = off): divides the logits of tokens already in the prompt or output")
+    p.add_argument("--logit-bias", type=_logit_bias, action="append", default=[], metavar="TOKEN_ID=BIAS",
+                   help="add BIAS (-100..100) to a token's logit (repeatable)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--seed", type=int)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
@@ -97,7 +114,10 @@ def sampling_params(args):
     try:
         return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos,
-                              stop=list(getattr(args, "stop", None) or []))
+                              stop=list(getattr(args, "stop", None) or []), min_p=args.min_p,
+                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                              repetition_penalty=args.repetition_penalty, logit_bias=dict(args.logit_bias),
+                              n=getattr(args, "n", 1), logprobs=getattr(args, "logprobs", None))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -142,15 +162,34 @@ def cmd_generate(args) -> None:
     params = sampling_params(args)
     with make_llm(args) as llm:
         outputs = llm.generate(args.prompts, params, chat=args.chat)
-    for out in outputs:
-        if args.json:
-            print(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids,
-                              "finish_reason": out.outputs[0].finish_reason, "metrics": out.metrics}))
-        else:
+        for out in outputs:
+            if args.json:
+                print(json.dumps(json_row(out, llm.tokenizer)))
+                continue
+            for choice in out.outputs:
+                print(choice.text)
+                if choice.logprobs is not None:
+                    print(" ".join(f"{llm.tokenizer.decode([t.token_id])!r}:{t.logprob:.3f}" for t in choice.logprobs),
+                          file=sys.stderr)
             m = out.metrics
-            print(out.text)
             print(f"[{m['generated_tokens']} tokens in {m['time_s']:.2f}s, {m['tokens_per_s']:.1f} tokens/s, "
                   f"mode {m['mode']}]", file=sys.stderr)
+
+
+def json_row(out, tokenizer) -> dict:
+    """One prompt's JSON line: its first choice at the top, every choice under "choices" when n > 1."""
+
+    def choice(c) -> dict:
+        row = {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+        if c.logprobs is not None:
+            row["logprobs"] = [{"token_id": t.token_id, "token": tokenizer.decode([t.token_id]), "logprob": t.logprob,
+                                "top_logprobs": [[i, v] for i, v in t.top]} for t in c.logprobs]
+        return row
+
+    row = {"prompt": out.prompt, **choice(out.outputs[0]), "metrics": out.metrics}
+    if len(out.outputs) > 1:
+        row["choices"] = [choice(c) for c in out.outputs]
+    return row
 
 
 def cmd_distill(args) -> None:
@@ -240,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     g.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    g.add_argument("--n", type=_positive_int, default=1, help="completions per prompt (choice i seeded from (seed, i))")
+    g.add_argument("--logprobs", type=int, metavar="N",
+                   help="report each token's log-probability and the N most likely (0..20) under the processed "
+                        "distribution (--json: in the JSON; else on stderr)")
     g.add_argument("prompts", nargs="*", metavar="PROMPT")
     g.set_defaults(func=cmd_generate)
 

@@ -15,7 +15,7 @@ from saguaro.engine.sequence import Sequence
 from saguaro.loader import cache_root, load_model, resolve_checkpoint
 from saguaro.models.compiled import compile_step
 from saguaro.models.linear import Linear, native_bf16
-from saguaro.sampling import SamplingParams
+from saguaro.sampling import SamplingParams, TokenLogprob, choices
 from saguaro.serve.detokenizer import StopStrings
 from saguaro.ssd.options import SSDOptions
 from saguaro.tokenizer import Tokenizer
@@ -52,6 +52,12 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    index: int = 0  # which of the request's n choices
+    logprobs: list[TokenLogprob] | None = None  # with SamplingParams(logprobs=N): one per token, the target's
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None if self.logprobs is None else sum(t.logprob for t in self.logprobs)
 
 
 @dataclass
@@ -171,39 +177,46 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        seqs = [self.sequence(self.encode(p, chat), sp) for p, sp in zip(prompts, params)]
+        ids = [self.encode(p, chat) for p in prompts]
+        groups = [[self.sequence(i, c) for c in choices(sp)] for i, sp in zip(ids, params)]  # n choices each
+        seqs = [s for g in groups for s in g]
         for s in seqs:
             self.engine.check(s)
         progress = None
         if use_tqdm:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(seqs), desc="requests")
+            bar = tqdm(total=len(seqs), desc="sequences")
             progress = lambda changed: bar.update(sum(s.finished for s in seqs) - bar.n)  # noqa: E731
         self.engine.run(seqs, progress)
-        return [self._output(p, s) for p, s in zip(prompts, seqs)]
+        return [self._output(p, g) for p, g in zip(prompts, groups)]
 
     def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:
-        seq = self.sequence(self.tokenizer.encode_chat(messages), sampling_params or SamplingParams())
-        self.engine.run([seq])
-        return self._output(None, seq)
+        ids = self.tokenizer.encode_chat(messages)
+        group = [self.sequence(ids, c) for c in choices(sampling_params or SamplingParams())]
+        self.engine.run(group)
+        return self._output(None, group)
 
     def sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """A request for this LLM's engine, ending at its stop strings (the engine cuts the tokens)."""
         return Sequence(prompt_ids, params, stop_check=StopStrings.for_params(self.tokenizer, params.stop))
 
-    def _output(self, prompt, seq: Sequence) -> RequestOutput:
-        stops = seq.stop_check
-        stopped = isinstance(stops, StopStrings) and stops.text is not None
-        text = stops.text if stopped else self.tokenizer.decode(seq.output_ids)
-        completion = CompletionOutput(text, list(seq.output_ids), seq.finish_reason)
+    def _output(self, prompt, group: list[Sequence]) -> RequestOutput:
+        """One request's output: its n choices, the metrics of the first."""
+        outputs = []
+        for i, seq in enumerate(group):
+            stops = seq.stop_check
+            stopped = isinstance(stops, StopStrings) and stops.text is not None
+            text = stops.text if stopped else self.tokenizer.decode(seq.output_ids)
+            outputs.append(CompletionOutput(text, list(seq.output_ids), seq.finish_reason, i,
+                                            None if seq.logprobs is None else list(seq.logprobs)))
         degraded = getattr(self.engine, "degraded", None)  # an SSD engine that lost its worker
         mode = f"{self.mode}-degraded" if degraded else self.mode
         metrics = {"mode": mode, "dtype": self.dtype, "compiled": self.target.compiled is not None,
-                   **seq.metrics()}  # under auto, the sequence says which mode ran
+                   **group[0].metrics()}  # under auto, the sequence says which mode ran
         if degraded:
             metrics["degraded"] = degraded
-        return RequestOutput(prompt if isinstance(prompt, str) else None, seq.prompt_ids, [completion], metrics)
+        return RequestOutput(prompt if isinstance(prompt, str) else None, group[0].prompt_ids, outputs, metrics)
 
     def close(self) -> None:
         self.engine.close()

@@ -13,6 +13,7 @@ class Tokenizer:
     def __init__(self, hf_tokenizer, stop_token_ids: set[int]):
         self.hf = hf_tokenizer
         self.stop_token_ids = stop_token_ids
+        self._byte_decoder: dict[str, int] | None = None
 
     @classmethod
     def load(cls, path: Path, eos_token_ids: list[int] | tuple[int, ...] = ()) -> "Tokenizer":
@@ -39,6 +40,21 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes: for byte-level BPE these may be part of a UTF-8 character, which
+        decoding the token alone would turn into U+FFFD."""
+        if self._byte_decoder is None:
+            decoder = getattr(getattr(self.hf, "backend_tokenizer", None), "decoder", None)
+            self._byte_decoder = {}
+            if type(decoder).__name__ == "ByteLevel":
+                from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+                self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        raw = self.hf.convert_ids_to_tokens(token_id)
+        if self._byte_decoder and isinstance(raw, str) and all(c in self._byte_decoder for c in raw):
+            return bytes(self._byte_decoder[c] for c in raw)
+        return self.hf.decode([token_id], skip_special_tokens=False).encode()
 
     @property
     def has_chat_template(self) -> bool:

@@ -12,10 +12,11 @@ from collections import deque
 
 import torch
 
+from saguaro.engine.scoring import emitted_logprobs, round_distribution
 from saguaro.engine.sequence import Sequence
 from saguaro.kv_cache import KVCache
 from saguaro.models.transformer import CausalLM
-from saguaro.sampling import sample, target_probs
+from saguaro.sampling import sample
 from saguaro.speculators.base import right_pad
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Engine:
         vocab = self.target.config.vocab_size
         if max(seq.prompt_ids) >= vocab or min(seq.prompt_ids) < 0:
             raise ValueError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
+        seq.params.check_vocab(vocab)
 
     def add(self, seq: Sequence) -> None:
         self.check(seq)
@@ -119,9 +121,7 @@ class Engine:
         logits = self.target(ids.to(self.target.device), cache, logits_at=(lengths - 1)[:, None])[:, 0]
         cache.lengths[:] = lengths
         self.on_prefill(seqs, ids, lengths, cache)
-        tokens = sample(target_probs(logits, [s.params for s in seqs]), [s.generator for s in seqs]).tolist()
-        for s, t in zip(seqs, tokens):
-            s.append([t], self.stop_ids)
+        append_sampled(seqs, logits, self.stop_ids)
         if self.cache is None:
             self.cache = cache
         else:
@@ -168,6 +168,12 @@ def decode_one_token(target: CausalLM, cache: KVCache, seqs: list[Sequence], sto
     ids = torch.tensor([[s.last_token] for s in seqs], device=target.device)
     logits = target(ids, cache)[:, -1]
     cache.lengths += 1
-    tokens = sample(target_probs(logits, [s.params for s in seqs]), [s.generator for s in seqs]).tolist()
-    for s, t in zip(seqs, tokens):
-        s.append([t], stop_ids)
+    append_sampled(seqs, logits, stop_ids)
+
+
+def append_sampled(seqs: list[Sequence], logits: torch.Tensor, stop_ids: set[int]) -> None:
+    """Sample each row's next token from the target's processed distribution at logits [B, V] and append it."""
+    p, logp = round_distribution(logits, seqs)
+    tokens = [[t] for t in sample(p, [s.generator for s in seqs]).tolist()]
+    for s, t, lps in zip(seqs, tokens, emitted_logprobs(logp, seqs, tokens)):
+        s.append(t, stop_ids, lps)

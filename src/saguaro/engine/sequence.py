@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from saguaro.sampling import SamplingParams
+from saguaro.sampling import SamplingParams, TokenLogprob
 
 _ids = itertools.count()
 
@@ -50,10 +50,14 @@ class Sequence:
     # output after each round, it returns None, or how many output tokens to keep because a stop
     # string appeared (serve/detokenizer.py StopStrings). The engine needs no tokenizer.
     stop_check: Callable[[list[int]], int | None] | None = None
+    # one per output token when params.logprobs is set: the target's, under the processed distribution
+    logprobs: list[TokenLogprob] | None = None
 
     def __post_init__(self):
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
 
     @property
     def all_ids(self) -> list[int]:
@@ -71,8 +75,8 @@ class Sequence:
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.output_ids)
 
-    def append(self, tokens: list[int], stop_ids: set[int]) -> list[int]:
-        """Add tokens, stopping at EOS or max_tokens; return the tokens actually kept."""
+    def append(self, tokens: list[int], stop_ids: set[int], logprobs: list[TokenLogprob] | None = None) -> list[int]:
+        """Add tokens (and their log-probs), stopping at EOS or max_tokens; return the tokens actually kept."""
         kept = []
         for t in tokens:
             kept.append(t)
@@ -83,6 +87,8 @@ class Sequence:
                 self.finish_reason = "length"
                 break
         self.output_ids.extend(kept)
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.extend(logprobs[: len(kept)])
         now = time.perf_counter()
         if self.first_token_at is None and kept:
             self.first_token_at = now
@@ -98,6 +104,8 @@ class Sequence:
         if keep is None:
             return False
         del self.output_ids[keep:]  # speculative rounds may have added tokens past the stop string
+        if self.logprobs is not None:
+            del self.logprobs[keep:]
         self.finish_reason = "stop"
         self.finished_at = time.perf_counter()
         return True

@@ -8,11 +8,11 @@ import time
 import torch
 
 from saguaro.engine.base import Engine
+from saguaro.engine.scoring import emitted_logprobs, round_distribution
 from saguaro.engine.ssd_setup import make_ssd_engine
 from saguaro.engine.verify import verify
 from saguaro.loader import CheckpointError
 from saguaro.models.transformer import CausalLM
-from saguaro.sampling import target_probs
 from saguaro.speculators import NeuralSpeculator, NgramSpeculator, Speculator
 from saguaro.speculators.draft import check_vocabulary, load_draft
 from saguaro.ssd.options import SSDOptions
@@ -51,15 +51,16 @@ class SDEngine(Engine):
         last = torch.tensor([[s.last_token] for s in seqs])
         ids = torch.cat([last, proposal.tokens], 1).to(self.target.device)
         logits = self.target(ids, self.cache)  # [B, K+1, V]
-        p = target_probs(logits, [s.params for s in seqs])
+        p, logp = round_distribution(logits, seqs, proposal.tokens)  # position j sees drafts 1..j-1 too
         q = None if proposal.q is None else proposal.q.to(p.dtype)
         accepted, emitted = verify(proposal.tokens.to(p.device), q, p, [s.generator for s in seqs])
         t2 = time.perf_counter()
         self.cache.lengths += accepted + 1  # the fed last token plus the accepted proposals
         accepted_list, emitted_list = accepted.tolist(), emitted.tolist()
         drafted = proposal.tokens.tolist()
-        for s, a, t, row in zip(seqs, accepted_list, emitted_list, drafted):
-            s.append(row[:a] + [t], self.stop_ids)
+        out = [row[:a] + [t] for row, a, t in zip(drafted, accepted_list, emitted_list)]
+        for s, a, row, lps in zip(seqs, accepted_list, out, emitted_logprobs(logp, seqs, out)):
+            s.append(row, self.stop_ids, lps)
             st = s.stats
             st.rounds += 1
             st.drafted += k

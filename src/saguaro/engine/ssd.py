@@ -18,9 +18,9 @@ import torch
 
 from saguaro.engine.auto import RoundChoice, RoundRule
 from saguaro.engine.base import Engine, decode_one_token
+from saguaro.engine.scoring import emitted_logprobs, round_distribution
 from saguaro.engine.verify import verify
 from saguaro.models.transformer import CausalLM
-from saguaro.sampling import target_probs
 from saguaro.ssd.client import WorkerError
 from saguaro.ssd.drafter import Speculation
 from saguaro.ssd.online import SaguaroPolicy
@@ -227,7 +227,7 @@ class SSDEngine(Engine):
         tokens = torch.tensor([sp.tokens for sp in specs])
         last = torch.tensor([[s.last_token] for s in seqs])
         logits = self.target(torch.cat([last, tokens], 1).to(self.target.device), self.cache)
-        p = target_probs(logits, [s.params for s in seqs])
+        p, logp = round_distribution(logits, seqs, tokens)  # position j sees drafts 1..j-1 too
         q = None
         if any(sp.q is not None for sp in specs):
             one_hot = torch.zeros(k, p.shape[-1], dtype=p.dtype)
@@ -239,8 +239,11 @@ class SSDEngine(Engine):
         self.drafter.finish_tree()
         self.cache.lengths += (accepted + 1).to(self.cache.lengths.device)
         tree_s, fallback_s = self.drafter.tree_s, self.drafter.fallback_s
-        for s, sp, a, t, out in zip(seqs, specs, accepted.tolist(), emitted.tolist(), outcomes):
-            s.append(sp.tokens[:a] + [t], self.stop_ids)
+        accepted_list, emitted_list = accepted.tolist(), emitted.tolist()
+        rows = [sp.tokens[:a] + [t] for sp, a, t in zip(specs, accepted_list, emitted_list)]
+        logprobs = emitted_logprobs(logp, seqs, rows)
+        for s, sp, a, t, out, row, lps in zip(seqs, specs, accepted_list, emitted_list, outcomes, rows, logprobs):
+            s.append(row, self.stop_ids, lps)
             self.outcome[s.id] = (a, t)
             self._count(s.stats, sp, a, out, t1 - t0, t2 - t1, tree_s + fallback_s)
             if not self.degraded and sp.source != "lookup":  # prompt lookup says nothing of draft or cache

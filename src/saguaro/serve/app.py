@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -11,11 +12,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from saguaro import __version__
 from saguaro.engine.base import ContextLengthError
-from saguaro.serve.async_engine import AsyncEngine, Request as EngineRequest, Unavailable
+from saguaro.sampling import ParamError
+from saguaro.serve.async_engine import AsyncEngine, Delta, Request as EngineRequest, Unavailable
 from saguaro.serve.errors import APIError, install_handlers
 from saguaro.serve.guard import Guard
-from saguaro.serve.protocol import ChatCompletionRequest, CompletionRequest, Shaper, GenerationRequest
+from saguaro.serve.logprobs import LogprobFormatter
+from saguaro.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, Shaper
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,9 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, context: int, api
     install_handlers(app)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     created = int(time.time())
+    # the backend configuration, as OpenAI's system_fingerprint: the same for the same code, model and mode
+    fingerprint = "fp_" + hashlib.sha256(f"saguaro {__version__}|{model_name}|{engine.mode}".encode()).hexdigest()[:12]
+    formatter = LogprobFormatter(tokenizer)
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "saguaro"}
@@ -104,46 +111,66 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, context: int, api
         params = body.sampling_params(default)
         try:
             req = engine.submit(ids, params)
+        except ParamError as e:  # a logit_bias token outside the vocabulary
+            raise APIError(400, str(e), param=body.field_name(e.param)) from None
         except ContextLengthError as e:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:
             raise APIError(400, str(e), param=param) from None
         except Unavailable as e:
             raise APIError(503, str(e)) from None
-        shaper = Shaper(chat, model_name)
+        shaper = Shaper(chat, model_name, fingerprint)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(req, shaper, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await collect(request, req, shaper)
 
+    def logprobs(chat: bool, delta: Delta, offsets: list[int]) -> dict | None:
+        """The delta's log-probs in the route's shape (completions carry each choice's text offset on)."""
+        if delta.logprobs is None:
+            return None
+        if chat:
+            return formatter.chat(delta.logprobs)
+        out, offsets[delta.index] = formatter.completion(delta.logprobs, offsets[delta.index])
+        return out
+
     async def stream(req: EngineRequest, shaper: Shaper, include_usage: bool):
         """Server-sent events in OpenAI's chunk format, ending with [DONE]."""
+        n = len(req.choices)
+        offsets, completion_tokens, finished = [0] * n, [0] * n, 0
         try:
             if shaper.chat:
-                yield sse(shaper.chunk(None, role=True))
-            while True:
+                for i in range(n):
+                    yield sse(shaper.chunk(i, None, role=True))
+            while finished < n:
                 delta = await req.deltas.get()
                 if delta.error:
                     yield sse(APIError(503, delta.error).body())
                     break
-                if delta.text:
-                    yield sse(shaper.chunk(delta.text))
+                lps = logprobs(shaper.chat, delta, offsets)
+                if delta.text or (lps and (lps.get("content") or lps.get("tokens"))):
+                    yield sse(shaper.chunk(delta.index, delta.text or None, logprobs=lps))
                 if delta.finish_reason:
-                    yield sse(shaper.chunk(None, delta.finish_reason))
-                    if include_usage:
-                        yield sse(shaper.usage_chunk(delta.prompt_tokens, delta.completion_tokens))
-                    break
+                    yield sse(shaper.chunk(delta.index, None, delta.finish_reason))
+                    completion_tokens[delta.index] = delta.completion_tokens
+                    finished += 1
+            if finished == n and include_usage:
+                yield sse(shaper.usage_chunk(len(req.seq.prompt_ids), sum(completion_tokens)))
             yield "data: [DONE]\n\n"
         finally:  # the client went away (the task was cancelled) or the stream ended
             engine.abort(req)
 
     async def collect(request: Request, req: EngineRequest, shaper: Shaper):
-        parts = []
+        n = len(req.choices)
+        parts: list[list[str]] = [[] for _ in range(n)]
+        items: list[list | None] = [None] * n
+        finish: list[str | None] = [None] * n
+        completion_tokens = [0] * n
         loop = asyncio.get_running_loop()
         next_check = loop.time() + DISCONNECT_POLL_S
         try:
-            while True:
+            while any(f is None for f in finish):
                 try:
                     delta = await asyncio.wait_for(req.deltas.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
@@ -151,15 +178,22 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, context: int, api
                 if loop.time() >= next_check:  # nothing is sent before the end, so ask whether anyone waits
                     next_check = loop.time() + DISCONNECT_POLL_S
                     if await request.is_disconnected():
-                        return Response(status_code=499)  # nobody reads it; finally frees the row
+                        return Response(status_code=499)  # nobody reads it; finally frees the rows
                 if delta is None:
                     continue
                 if delta.error:
                     raise APIError(503, delta.error)
-                parts.append(delta.text)
+                i = delta.index
+                parts[i].append(delta.text)
+                if delta.logprobs is not None:
+                    items[i] = (items[i] or []) + delta.logprobs
                 if delta.finish_reason:
-                    return shaper.whole("".join(parts), delta.finish_reason, delta.prompt_tokens,
-                                        delta.completion_tokens)
+                    finish[i], completion_tokens[i] = delta.finish_reason, delta.completion_tokens
+            wanted = req.seq.params.logprobs is not None
+            choices = [("".join(parts[i]), finish[i], None if not wanted else
+                        formatter.chat(items[i] or []) if shaper.chat else formatter.completion(items[i] or [], 0)[0])
+                       for i in range(n)]
+            return shaper.whole(choices, len(req.seq.prompt_ids), sum(completion_tokens))
         finally:
             engine.abort(req)  # a no-op once the request finished
 

@@ -3,7 +3,8 @@
 Request handlers (on the asyncio loop) submit and abort through a thread-safe inbox; the engine
 thread takes them in between rounds, so requests join and leave a running batch (continuous
 batching). After each round every changed request gets its new text as a `Delta` on its own
-asyncio queue.
+asyncio queue. A request with n > 1 runs n sequences (its choices) side by side in the batch; their
+deltas share the request's queue, each saying which choice it belongs to.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from saguaro.engine.base import Engine
 from saguaro.engine.sequence import Sequence
-from saguaro.sampling import SamplingParams
+from saguaro.sampling import SamplingParams, TokenLogprob, choices
 from saguaro.serve.detokenizer import IncrementalDetokenizer
 from saguaro.serve.stats import ServerStats
 
@@ -31,24 +32,37 @@ class Unavailable(RuntimeError):
 @dataclass
 class Delta:
     text: str
-    finish_reason: str | None = None  # set on the last delta
+    finish_reason: str | None = None  # set on the last delta of a choice
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # the request failed; no more deltas come
+    index: int = 0  # the choice
+    logprobs: list[TokenLogprob] | None = None  # of the tokens whose text has now been sent in full
+
+
+@dataclass(eq=False)
+class Choice:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    index: int
+    tokens_seen: int = 0
+    logprobs_sent: int = 0
+    done: bool = False
 
 
 @dataclass(eq=False)
 class Request:
-    seq: Sequence
-    detok: IncrementalDetokenizer
+    choices: list[Choice]
     loop: asyncio.AbstractEventLoop
     deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
-    tokens_seen: int = 0
-    done: bool = False
 
     @property
-    def id(self) -> int:
-        return self.seq.id
+    def done(self) -> bool:
+        return all(c.done for c in self.choices)
+
+    @property
+    def seq(self) -> Sequence:
+        return self.choices[0].seq
 
 
 class AsyncEngine:
@@ -59,7 +73,7 @@ class AsyncEngine:
         self.accepting = True
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._live: dict[int, Request] = {}  # engine thread only
+        self._live: dict[int, tuple[Request, Choice]] = {}  # by sequence id; engine thread only
         self._in_flight = 0
         self._lock = threading.Lock()
         self._deadline: float | None = None  # after it, requests still in flight are failed
@@ -84,23 +98,26 @@ class AsyncEngine:
         self._thread.start()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Queue a request; raises ValueError (bad prompt, over the context) or Unavailable."""
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        seq = Sequence(prompt_ids, params, stop_check=detok.stops)  # the engine ends it at a stop string
-        self.engine.check(seq)  # reads only the model config: safe from this thread
+        """Queue a request (params.n sequences); raises ValueError (bad prompt or settings, over the
+        context) or Unavailable."""
+        picks = []
+        for i, p in enumerate(choices(params)):
+            detok = IncrementalDetokenizer(self.tokenizer, p.stop)
+            picks.append(Choice(Sequence(prompt_ids, p, stop_check=detok.stops), detok, i))  # the engine stops it
+        self.engine.check(picks[0].seq)  # reads only the model config: safe from this thread
         with self._lock:
             if not self.accepting:
                 raise Unavailable(self.failed or "the server is shutting down")
-            if self._in_flight >= self.max_concurrency:
-                raise Unavailable(f"the server is at its limit of {self.max_concurrency} requests in flight; "
+            if self._in_flight + len(picks) > self.max_concurrency:
+                raise Unavailable(f"the server is at its limit of {self.max_concurrency} sequences in flight; "
                                   "retry later")
-            self._in_flight += 1
-        req = Request(seq, detok, asyncio.get_running_loop())
+            self._in_flight += len(picks)
+        req = Request(picks, asyncio.get_running_loop())
         self._post("add", req)
         return req
 
     def abort(self, req: Request) -> None:
-        """The client is gone: drop the request between rounds, freeing its batch row."""
+        """The client is gone: drop the request between rounds, freeing its batch rows."""
         if not req.done:
             self._post("abort", req)
 
@@ -159,48 +176,56 @@ class AsyncEngine:
                 kind, req = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                self._live[req.id] = req
-                self.engine.add(req.seq)
-            elif not req.done:  # abort
-                self.engine.abort(req.seq)
-                self._finish(req, "aborted")
+            for choice in req.choices:
+                if kind == "add":
+                    self._live[choice.seq.id] = (req, choice)
+                    self.engine.add(choice.seq)
+                elif not choice.done:  # abort
+                    self.engine.abort(choice.seq)
+                    self._finish(choice, "aborted")
 
     def _step(self) -> None:
         t0 = time.perf_counter()
         changed = self.engine.step()
         new_tokens = 0
         for seq in changed:
-            req = self._live.get(seq.id)
-            if req is None:
+            live = self._live.get(seq.id)
+            if live is None:
                 continue
-            new_tokens += max(0, len(seq.output_ids) - req.tokens_seen)  # a stop string may cut tokens
-            req.tokens_seen = len(seq.output_ids)
-            self._emit(req)
+            req, choice = live
+            new_tokens += max(0, len(seq.output_ids) - choice.tokens_seen)  # a stop string may cut tokens
+            choice.tokens_seen = len(seq.output_ids)
+            self._emit(req, choice)
         self.stats.round(len(changed), new_tokens, time.perf_counter() - t0)
 
-    def _emit(self, req: Request) -> None:
-        seq = req.seq
-        text = req.detok.update(seq.output_ids, final=seq.finished)
+    def _emit(self, req: Request, choice: Choice) -> None:
+        seq = choice.seq
+        text = choice.detok.update(seq.output_ids, final=seq.finished)
         if not text and not seq.finished:
             return
-        self._send(req, Delta(text, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids)))
+        logprobs = None
+        if seq.logprobs is not None:  # those of the tokens whose text went out (all of them at the end)
+            upto = len(seq.logprobs) if seq.finished else choice.detok.covered(seq.output_ids, choice.logprobs_sent)
+            logprobs, choice.logprobs_sent = seq.logprobs[choice.logprobs_sent:upto], upto
+        self._send(req, Delta(text, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), index=choice.index,
+                              logprobs=logprobs))
         if seq.finished:
-            self._finish(req, "served")
+            self._finish(choice, "served")
 
     def _fail_all(self, message: str) -> None:
-        for req in list(self._live.values()):
+        for req, choice in list(self._live.values()):
             try:
-                self.engine.abort(req.seq)
+                self.engine.abort(choice.seq)
             except Exception:  # the engine may be in no state to retire rows; the request fails anyway
-                log.exception("could not abort request %d", req.id)
-            self._send(req, Delta("", "error", len(req.seq.prompt_ids), len(req.seq.output_ids), error=message))
-            self._finish(req, "failed")
+                log.exception("could not abort sequence %d", choice.seq.id)
+            self._send(req, Delta("", "error", len(choice.seq.prompt_ids), len(choice.seq.output_ids), error=message,
+                                  index=choice.index))
+            self._finish(choice, "failed")
 
-    def _finish(self, req: Request, outcome: str) -> None:
-        req.done = True
-        self._live.pop(req.id, None)
-        self.stats.finished(req.seq, outcome)
+    def _finish(self, choice: Choice, outcome: str) -> None:
+        choice.done = True
+        self._live.pop(choice.seq.id, None)
+        self.stats.finished(choice.seq, outcome)
         with self._lock:
             self._in_flight -= 1
 

@@ -99,6 +99,13 @@ class IncrementalDetokenizer:
         self.sent = text
         return delta
 
+    def covered(self, token_ids: list[int], start: int = 0) -> int:
+        """How many leading tokens (at least `start`) have all their text in what was sent."""
+        n = start
+        while n < len(token_ids) and self.sent.startswith(self.tokenizer.decode(token_ids[: n + 1])):
+            n += 1
+        return n
+
     def _first_stop(self, text: str) -> int | None:
         """Where the earliest stop string starts (none can start inside what was already sent)."""
         hits = [i for i in (text.find(s, len(self.sent)) for s in self.stop) if i >= 0]

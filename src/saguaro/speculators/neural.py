@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from saguaro.models.transformer import CausalLM
-from saguaro.sampling import sample, target_probs
+from saguaro.sampling import draft_probs, sample
 from saguaro.speculators.base import Proposal, Row, Speculator, head_to_vocab, right_pad
 
 Draw = Callable[[torch.Tensor, int], tuple[torch.Tensor, "torch.Tensor | None"]]
@@ -83,7 +83,7 @@ class NeuralSpeculator(Speculator):
         def draw(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
             if greedy:
                 return self.greedy_tokens(logits), None
-            q = target_probs(logits, [s.params for s in seqs])  # over the head; expanded below
+            q = draft_probs(logits, [s.params for s in seqs])  # over the head; expanded below
             return self.head_to_target(sample(q, generators)), q
 
         tokens, qs = draft_k(self.draft, self.cache, pending, k, draw)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saguaro.models.transformer import CausalLM
-from saguaro.sampling import SamplingParams, sample, target_probs
+from saguaro.sampling import SamplingParams, draft_probs, sample
 from saguaro.speculators import NeuralSpeculator, NgramSpeculator, draft_k, right_pad
 from saguaro.ssd.online import FALLBACKS
 from saguaro.ssd.sampling import saguaro_distribution
@@ -184,7 +184,7 @@ class SSDDrafter:
         (the verifier must use that q, expanded to the target vocabulary)."""
         if all(r.params.greedy for r in rows):
             return self.neural.greedy_tokens(logits), None
-        q = target_probs(logits, [r.params for r in rows])
+        q = draft_probs(logits, [r.params for r in rows])
         if self.c < 1.0 and top_f > 0:
             sampled = torch.tensor([not r.params.greedy for r in rows], device=q.device)
             q = torch.where(sampled[:, None], saguaro_distribution(q, top_f, self.c), q)

@@ -14,3 +14,4 @@ for t in 1 2; do
   .venv/bin/saguaro bench --threads "$t" --dtype bfloat16 --no-compile --modes ar,llamacpp --num-prompts 2 \
     --max-tokens 64 --json "$OUT/peers_bf16_eager_${t}t.json" || echo "FAILED: peers bf16 eager $t"
 done
+.venv/bin/python benchmarks/bandwidth.py --json "$OUT/bandwidth.json" || echo "FAILED: bandwidth"

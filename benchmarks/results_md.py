@@ -12,6 +12,8 @@ import re
 from importlib.metadata import version
 from pathlib import Path
 
+from peers_md import peers_section, plot_peers
+
 ANALYSES = ("hit_vs_fanout", "c_sweep", "fallback_batch", "theorem7", "fanout_shape")
 
 
@@ -391,6 +393,7 @@ def build(res: Path) -> str:
               ssd_vs_sd_section(ssd_runs) if ssd_runs else "_not recorded_"]
     ar_speed = read_json(res / "ar_speed.json")
     parts += ["", "## AR against transformers", "", ar_speed_section(ar_speed) if ar_speed else "_not recorded_"]
+    parts += ["", "## The fast forward against llama.cpp and transformers", ""] + peers_section(res)
     parts += ["", "## What falls short of the paper, and why", "", shortfall_section(report, res), ""]
     return "\n".join(parts)
 
@@ -417,6 +420,7 @@ def main() -> None:
     p.add_argument("--out", default="docs/results.md")
     args = p.parse_args()
     redraw_plots(Path(args.results))
+    plot_peers(Path(args.results), Path(args.results) / "peers.png")
     Path(args.out).write_text(build(Path(args.results)))
     print(f"wrote {args.out}")
 

@@ -18,8 +18,8 @@ def run_cli(capsys, *args):
 
 @pytest.mark.parametrize("prompts", [["def add(a, b):"], ["def add(a, b):", "Hello"]])
 def test_generate_json_on_embedded(capsys, embedded, prompts):
-    """The default mode (auto): wherever a second core can run the draft, SSD for one greedy row and AR
-    for a batch (engine/auto.py), and the target gets its cores back afterwards."""
+    """The default mode (auto): wherever a second core can run the draft, one greedy row starts by
+    timing SSD (then AR) and a batch runs AR (engine/auto.py); the target gets its cores back afterwards."""
     import os
 
     from saguaro.engine.ssd_setup import available_cores
@@ -33,8 +33,12 @@ def test_generate_json_on_embedded(capsys, embedded, prompts):
         assert len(row["token_ids"]) == 6 and isinstance(row["text"], str)
         assert row["metrics"]["tokens_per_s"] > 0
         if len(available_cores()) > 1:
-            assert row["metrics"]["mode"] == ("ssd" if len(prompts) == 1 else "ar")
-            assert row["metrics"]["auto_reason"]
+            if len(prompts) == 1:
+                assert row["metrics"]["mode"] in ("ssd", "ssd+ar")
+                assert "greedy: measuring ssd" in row["metrics"]["auto_reason"] or \
+                    "greedy: measuring ar" in row["metrics"]["auto_reason"]
+            else:
+                assert row["metrics"]["mode"] == "ar" and "batch" in row["metrics"]["auto_reason"]
         else:
             assert row["metrics"]["mode"] == "ar"
     assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads

@@ -73,8 +73,19 @@ class PeerBenchRunner:
         self.runner = runner
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
+        t0 = time.perf_counter()
         outs = self.runner.generate(prompts, params)
-        return [{"generated_tokens": len(o), "output_ids": o} for o in outs]
+        wall = time.perf_counter() - t0
+        seqs = [{"generated_tokens": len(o), "output_ids": o} for o in outs]
+        ttfts = getattr(self.runner, "last_ttfts", None)  # llama.cpp: one prompt after another
+        if ttfts and len(ttfts) == len(outs):
+            for seq, ttft in zip(seqs, ttfts):
+                seq["ttft_s"] = ttft
+            decode_s = wall - sum(ttfts)  # the prompts ran one by one: wall = sum of their times
+            rest = sum(len(o) - 1 for o in outs)
+            for seq, o in zip(seqs, outs):  # the decode time shared out per generated token
+                seq["decode_ms_per_token"] = 1000 * decode_s / rest if rest > 0 and len(o) > 1 else None
+        return seqs
 
     def close(self) -> None:
         self.runner.close()
@@ -138,6 +149,12 @@ def summarize(batches: list[dict]) -> dict:
         "ms_per_token_max": max(per_token) if per_token else None,
         "ms_per_token_stdev": statistics.stdev(per_token) if len(per_token) > 1 else 0.0,
     }
+    timed = [s for s in seqs if s.get("decode_ms_per_token") is not None]
+    if timed:  # decode alone (after each prompt's first token): the forward's speed, prefill aside
+        decode_tokens = sum(s["generated_tokens"] - 1 for s in timed)
+        decode_s = sum(s["decode_ms_per_token"] * (s["generated_tokens"] - 1) / 1000 for s in timed)
+        out["decode_tokens_per_s"] = decode_tokens / decode_s if decode_s > 0 else None
+        out["ttft_s_mean"] = statistics.mean(s["ttft_s"] for s in timed if s.get("ttft_s") is not None)
     rounds = sum(s.get("rounds", 0) for s in seqs)
     if rounds:
         accepted = sum(s["accepted_tokens"] for s in seqs)

@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 from saguaro.sampling import SamplingParams
@@ -107,6 +108,7 @@ class LlamaCppRunner:
         log.info("llama.cpp on %s, %d threads", model_path, threads)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+        self.last_ttfts: list[float] = []  # seconds to each prompt's first token (its prefill)
         return [self._generate(p, sp) for p, sp in zip(prompts, params)]
 
     def _generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
@@ -114,7 +116,10 @@ class LlamaCppRunner:
         if params.seed is not None:
             self.llama.set_seed(params.seed)
         out: list[int] = []
+        start = time.perf_counter()
         for token in self.llama.generate(list(prompt), **sampler_kwargs(params)):
+            if not out:
+                self.last_ttfts.append(time.perf_counter() - start)
             out.append(int(token))
             if len(out) >= params.max_tokens or (token in self.stop_ids and not params.ignore_eos):
                 break

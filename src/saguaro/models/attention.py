@@ -29,8 +29,9 @@ def invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     b, h, t, d = q.shape
     hk, s = k.shape[1], k.shape[2]
     group = h // hk
+    work = torch.promote_types(q.dtype, torch.float32)  # softmax dtype: float32, or float64 for float64 models
     qg = q.reshape(b, hk, group * t, d).double()
-    scores = torch.matmul(qg, k.double().transpose(-1, -2)).float().mul_(d ** -0.5)
+    scores = torch.matmul(qg, k.double().transpose(-1, -2)).to(work).mul_(d ** -0.5)
     allowed = mask.expand(b, 1, t, s).reshape(b, 1, 1, t, s).expand(b, 1, group, t, s).reshape(b, 1, group * t, s)
     probs = torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)
     out = torch.matmul(probs.double(), v.double())

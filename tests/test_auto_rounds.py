@@ -138,8 +138,8 @@ def test_measured_rule_tries_both_then_keeps_the_faster_and_re_measures():
     for _ in range(20):
         choice = rule(1, 0)
         modes.append(choice.mode)
-        # SSD emits 2 tokens in 30 ms, AR 1 token in 20 ms: SSD is faster per token
-        rule.observe(choice, 1, 0, 0.030 if choice.mode == "ssd" else 0.020, 2 if choice.mode == "ssd" else 1)
+        # SSD emits 2 tokens in 39 ms, AR 1 token in 20 ms: SSD is faster per token, by 1.03x
+        rule.observe(choice, 1, 0, 0.039 if choice.mode == "ssd" else 0.020, 2 if choice.mode == "ssd" else 1)
     assert modes[:4] == ["ssd", "ssd", "ar", "ar"]
     assert modes[4:9] == ["ssd"] * 5  # the faster one
     assert modes[9:11] == ["ar", "ar"]  # then the slower one again, briefly
@@ -162,3 +162,16 @@ def test_measured_rule_follows_a_change_in_speed():
         rule.observe(choice, 1, 0, ssd_s if choice.mode == "ssd" else 0.020, 1)
     assert seen[10:20].count("ssd") > seen[10:20].count("ar")
     assert seen[50:].count("ar") > seen[50:].count("ssd")
+
+
+def test_measured_rule_re_measures_a_much_slower_mode_less_often():
+    def explorations(ssd_s: float) -> int:
+        rule = MeasuredRounds(warmup=1, explore_every=8, explore_rounds=1)
+        modes = []
+        for _ in range(200):
+            choice = rule(1, 0)
+            modes.append(choice.mode)
+            rule.observe(choice, 1, 0, ssd_s if choice.mode == "ssd" else 0.020, 1)
+        return modes[2:].count("ssd")
+
+    assert explorations(0.040) < explorations(0.022)  # SSD at 0.5x AR is re-timed less than at 0.9x

@@ -157,11 +157,11 @@ def summarize(batches: list[dict]) -> dict:
         out["ttft_s_mean"] = statistics.mean(s["ttft_s"] for s in timed if s.get("ttft_s") is not None)
     rounds = sum(s.get("rounds", 0) for s in seqs)
     if rounds:
-        accepted = sum(s["accepted_tokens"] for s in seqs)
-        drafted = sum(s["drafted_tokens"] for s in seqs)
+        accepted = sum(s.get("accepted_tokens", 0) for s in seqs)  # under auto, a row may run AR only
+        drafted = sum(s.get("drafted_tokens", 0) for s in seqs)
         out.update(rounds=rounds, mean_accepted=accepted / rounds,
                    acceptance_rate=accepted / drafted if drafted else 0.0,
-                   draft_s=sum(s["draft_s"] for s in seqs), verify_s=sum(s["verify_s"] for s in seqs))
+                   draft_s=sum(s.get("draft_s", 0.0) for s in seqs), verify_s=sum(s.get("verify_s", 0.0) for s in seqs))
     for key in ("cache_hit_rate", "draft_hidden_fraction"):  # SSD only (the latter when the engine reports it)
         value = _weighted_mean(seqs, key)
         if value is not None:

@@ -82,9 +82,11 @@ class ModeClock:
 @dataclass
 class MeasuredRounds:
     """At one row: the faster mode per band as measured; `warmup` rounds of each first (SSD first),
-    then `explore_rounds` of the slower every `explore_every` rounds. Batches run AR."""
+    then `explore_rounds` of the slower every `explore_every` rounds, stretched by the square of how
+    much slower it measured (re-measuring a mode at 0.6x costs more than one at 0.95x, and is less
+    likely to have turned). Batches run AR."""
 
-    warmup: int = 4
+    warmup: int = 2
     explore_every: int = 64
     explore_rounds: int = 2
     clocks: dict[tuple[str, str], ModeClock] = field(default_factory=dict)
@@ -101,8 +103,10 @@ class MeasuredRounds:
         best, other = ("ssd", "ar") if ssd.per_token_s <= ar.per_token_s else ("ar", "ssd")
         speeds = f"ssd {ssd.tokens_per_s:.1f} vs ar {ar.tokens_per_s:.1f} tok/s"
         since = self._since_explore.get(band, 0)
-        if since >= self.explore_every:
-            if since >= self.explore_every + self.explore_rounds - 1:
+        slower = max(ssd.per_token_s, ar.per_token_s) / min(ssd.per_token_s, ar.per_token_s)
+        every = round(self.explore_every * slower ** 2)
+        if since >= every:
+            if since >= every + self.explore_rounds - 1:
                 self._since_explore[band] = -1
             else:
                 self._since_explore[band] = since + 1

@@ -35,8 +35,8 @@ def test_generate_json_on_embedded(capsys, embedded, prompts):
         if len(available_cores()) > 1:
             if len(prompts) == 1:
                 assert row["metrics"]["mode"] in ("ssd", "ssd+ar")
-                assert "greedy: measuring ssd" in row["metrics"]["auto_reason"] or \
-                    "greedy: measuring ar" in row["metrics"]["auto_reason"]
+                assert row["metrics"]["auto_reason"].startswith("greedy: ")  # timing or choosing by time
+                assert "measur" in row["metrics"]["auto_reason"]
             else:
                 assert row["metrics"]["mode"] == "ar" and "batch" in row["metrics"]["auto_reason"]
         else:

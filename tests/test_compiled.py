@@ -128,3 +128,17 @@ def test_invariant_attention_is_invariant_to_query_count_and_span():
                 ref = out if ref is None else ref
                 mismatches += int(not torch.equal(out, ref))
     assert mismatches == 0
+
+
+def test_prune_keeps_the_most_recently_used_libraries(tmp_path):
+    import os
+    import time as _time
+
+    now = _time.time()
+    for i in range(5):
+        path = tmp_path / f"lib{i}.pt2"
+        path.write_bytes(b"x")
+        os.utime(path, (now - 100 * i, now - 100 * i))  # lib0 newest, lib4 oldest
+    removed = compiled_mod.prune(tmp_path, keep=3)
+    assert sorted(p.name for p in removed) == ["lib3.pt2", "lib4.pt2"]
+    assert sorted(p.name for p in tmp_path.glob("*.pt2")) == ["lib0.pt2", "lib1.pt2", "lib2.pt2"]

@@ -110,6 +110,8 @@ class CompiledStep:
                     _build(self._model, path, tokens)
                 self.stats.build_s += time.perf_counter() - t0
                 log.info("built the %d-token step in %.0fs: %s", tokens, time.perf_counter() - t0, path)
+                prune(self.cache_dir)
+            os.utime(path)  # last used now: pruning keeps the recently used libraries
             t0 = time.perf_counter()
             self._runners[tokens, threads] = torch._inductor.aoti_load_package(str(path))
             self.stats.load_s += time.perf_counter() - t0
@@ -126,6 +128,19 @@ class CompiledStep:
         self.stats.compiled_calls += 1
         args = (ids, cos, sin, slots, mask, logits_at, k_cache, v_cache)
         return self._runners[ids.shape[1], torch.get_num_threads()](*(a.contiguous() for a in args))
+
+
+KEEP_LIBRARIES = 8  # each holds a model's weights twice (0.5-1 GB for the embedded target)
+
+
+def prune(cache_dir: Path, keep: int = KEEP_LIBRARIES) -> list[Path]:
+    """Delete all but the `keep` most recently used libraries: a new weight file, dtype, thread count or
+    saguaro version makes new ones, and the old ones would pile up."""
+    libraries = sorted(cache_dir.glob("*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in libraries[keep:]:
+        old.unlink(missing_ok=True)
+        log.info("removed a compiled library not used recently: %s", old.name)
+    return libraries[keep:]
 
 
 def fingerprint(model: nn.Module) -> str:

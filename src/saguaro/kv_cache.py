@@ -12,6 +12,14 @@ from __future__ import annotations
 import torch
 
 
+def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> None:
+    """Store k, v ([B, H, T, D]) at `slots` ([B, T]) of one layer's caches ([B, H, C, D])."""
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    k_cache[rows, :, slots] = k.transpose(1, 2)  # advanced indices first: [B, T, H, D]
+    v_cache[rows, :, slots] = v.transpose(1, 2)
+
+
 class KVCache:
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
                  capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -40,9 +48,7 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int):
         """Store k, v ([B, H, T, D]) at `slots` ([B, T]); return this layer's first `span` slots."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer][rows, :, slots] = k.transpose(1, 2)  # advanced indices first: [B, T, H, D]
-        self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        write_slots(self.k[layer], self.v[layer], slots, k, v)
         return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
 
     def truncate(self, row: int, length: int) -> None:

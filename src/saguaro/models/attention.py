@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from saguaro.kv_cache import write_slots
+
 # Query counts up to this use the invariant path (decode, verification, a few draft branches); longer
 # calls are prefills, which every mode runs the same way, so they take torch's fast kernel.
 INVARIANT_MAX_QUERIES = 16
@@ -42,8 +44,8 @@ def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """torch's kernel; half dtypes run in float32 on a CPU (its bf16 CPU kernel took 325 us for one
     query against 53 us in float32, AMD EPYC, 300 keys)."""
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        return _sdpa(q.float(), k.float(), v.float(), mask).to(q.dtype)
-    return _sdpa(q, k, v, mask)
+        return sdpa(q.float(), k.float(), v.float(), mask).to(q.dtype)
+    return sdpa(q, k, v, mask)
 
 
 def inference_attention(q, k, v, mask):
@@ -69,15 +71,12 @@ try:
     sdpa = _sdpa_gqa
 except TypeError:
     sdpa = _sdpa_repeat
-_sdpa = sdpa
 
 
 def write_and_attend(q, k, v, k_cache, v_cache, slots, mask):
     """Store k, v ([B, Hk, T, D]) at `slots` [B, T] of one layer's cache ([B, Hk, C, D]) and attend
     q over its first mask.shape[-1] slots."""
-    rows = torch.arange(k.shape[0], device=k.device)[:, None]
-    k_cache[rows, :, slots] = k.transpose(1, 2)
-    v_cache[rows, :, slots] = v.transpose(1, 2)
+    write_slots(k_cache, v_cache, slots, k, v)
     span = mask.shape[-1]
     return inference_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], mask)
 

@@ -20,6 +20,7 @@ eager model then keeps no packed copy of its own (`Linear.drop_packed`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,13 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from saguaro.models import attention as attention_module
 from saguaro.models import layers as layers_module
 from saguaro.models.attention import cached_attention
-from saguaro.models.layers import apply_rope
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +54,12 @@ class _Step(nn.Module):
         b, t = ids.shape
         h = m.embed(ids)
         for i, layer in enumerate(m.layers):
-            a = layer.attn
-            x = layer.attn_norm(h)
-            q, k, v = F.linear(x, a.qkv.weight, a.qkv.bias).split(a.split, dim=-1)
-            q = q.view(b, t, a.num_heads, a.head_dim)
-            k = k.view(b, t, a.num_kv_heads, a.head_dim)
-            if a.q_norm is not None:
-                q, k = a.q_norm(q), a.k_norm(k)
-            q = apply_rope(q.transpose(1, 2), cos, sin)
-            k = apply_rope(k.transpose(1, 2), cos, sin)
-            v = v.view(b, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            q, k, v = layer.attn.project(layer.attn_norm(h), cos, sin)
             out = cached_attention(q, k, v, k_cache, v_cache, i, slots, mask)
-            h = h + F.linear(out.transpose(1, 2).reshape(b, t, -1), a.o.weight)
-            gate, up = F.linear(layer.mlp_norm(h), layer.mlp.gate_up.weight).split(layer.mlp.intermediate, -1)
-            h = h + F.linear(F.silu(gate) * up, layer.mlp.down.weight)
+            h = h + layer.attn.o(out.transpose(1, 2).reshape(b, t, -1))
+            h = h + layer.mlp(layer.mlp_norm(h))
         h = torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
-        return F.linear(m.norm(h), m.lm_head.weight).float()
+        return m.lm_head(m.norm(h)).float()
 
 
 @dataclass
@@ -174,16 +163,14 @@ def compile_step(model: nn.Module, cache_dir: Path, plan: list[tuple[int, int | 
     return step
 
 
-class _num_threads:
-    def __init__(self, threads: int):
-        self.threads = threads
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
+@contextlib.contextmanager
+def _num_threads(threads: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def example_inputs(model: nn.Module, tokens: int, kv: int = 64):

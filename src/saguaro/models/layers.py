@@ -91,7 +91,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_eps) if config.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: KVCache, slots, mask):
+    def project(self, x, cos, sin):
+        """x [B, T, hidden] -> q [B, H, T, D] and k, v [B, Hk, T, D], q and k rotated."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim)
@@ -100,7 +101,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, cos, sin, cache: KVCache, slots, mask):
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if cache is None:  # training: the whole sequence at once, causal
             out = sdpa(q, k, v, mask)
         else:

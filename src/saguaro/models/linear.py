@@ -48,7 +48,7 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
     def _use_packed(self, x: torch.Tensor) -> bool:
-        return (self.prepack and x.device.type == "cpu" and x.dtype in _PACKED_DTYPES and self.weight.dtype == x.dtype
+        return (self.prepack and not _tracing() and x.device.type == "cpu" and x.dtype in _PACKED_DTYPES and self.weight.dtype == x.dtype
                 and not torch.is_grad_enabled() and _MKLDNN and torch.backends.mkldnn.enabled)
 
     def drop_packed(self) -> None:
@@ -60,6 +60,11 @@ class Linear(nn.Linear):
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: any packed copy is stale
         self._packed, self._packed_version = None, -1
         return super()._apply(fn, recurse)
+
+
+def _tracing() -> bool:
+    """Under torch.compile or export the graph gets the plain weight (inductor packs its own copy)."""
+    return torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)()
 
 
 def _one_row(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -8,9 +8,9 @@ from saguaro.config import ModelConfig
 from saguaro.models.transformer import CausalLM
 
 
-def tiny_config(vocab: int = 32, layers: int = 2, arch: str = "llama", **kw) -> ModelConfig:
+def tiny_config(vocab: int = 32, layers: int = 2, arch: str = "llama", head_dim: int = 8, **kw) -> ModelConfig:
     return ModelConfig(arch=arch, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=layers,
-                       num_heads=4, num_kv_heads=2, head_dim=8, max_position=256, qk_norm=arch == "qwen3",
+                       num_heads=4, num_kv_heads=2, head_dim=head_dim, max_position=256, qk_norm=arch == "qwen3",
                        eos_token_ids=[], **kw)
 
 

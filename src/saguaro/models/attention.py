@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from saguaro.kv_cache import write_slots
+from saguaro.models import cpu_kernels
 
 # Query counts up to this use the invariant path (decode, verification, a few draft branches); longer
 # calls are prefills, which every mode runs the same way, so they take torch's fast kernel.
@@ -73,9 +74,18 @@ except TypeError:
     sdpa = _sdpa_repeat
 
 
+def kernel_applies(q: torch.Tensor) -> bool:
+    """Whether saguaro's C++ attention (models/csrc/attention.cpp) serves this call: a few queries, on
+    a CPU where the kernels are loaded. It is order-free like `invariant_attention`, and faster."""
+    return (cpu_kernels.loaded() and q.device.type == "cpu" and q.shape[2] <= INVARIANT_MAX_QUERIES
+            and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0)
+
+
 def write_and_attend(q, k, v, k_cache, v_cache, slots, mask):
     """Store k, v ([B, Hk, T, D]) at `slots` [B, T] of one layer's cache ([B, Hk, C, D]) and attend
     q over its first mask.shape[-1] slots."""
+    if kernel_applies(q) and k_cache.is_contiguous():
+        return torch.ops.saguaro_cpu.cached_attention(q, k, v, k_cache[None], v_cache[None], 0, slots, mask)
     write_slots(k_cache, v_cache, slots, k, v)
     span = mask.shape[-1]
     return inference_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], mask)

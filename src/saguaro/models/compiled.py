@@ -35,8 +35,11 @@ import torch
 from torch import nn
 
 from saguaro.models import attention as attention_module
+from saguaro.models import cpu_kernels
 from saguaro.models import layers as layers_module
-from saguaro.models.attention import cached_attention
+from saguaro.models import linear as linear_module
+from saguaro.models.linear import Linear
+from saguaro.models.attention import cached_attention, kernel_applies
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,9 @@ class _Step(nn.Module):
         h = m.embed(ids)
         for i, layer in enumerate(m.layers):
             q, k, v = layer.attn.project(layer.attn_norm(h), cos, sin)
-            out = cached_attention(q, k, v, k_cache, v_cache, i, slots, mask)
+            # saguaro's C++ attention where loaded (no call back into Python), else the Python custom op
+            attend = torch.ops.saguaro_cpu.cached_attention if kernel_applies(q) else cached_attention
+            out = attend(q, k, v, k_cache, v_cache, i, slots, mask)
             h = h + layer.attn.o(out.transpose(1, 2).reshape(b, t, -1))
             h = h + layer.mlp(layer.mlp_norm(h))
         h = torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
@@ -136,8 +141,10 @@ def fingerprint(model: nn.Module) -> str:
     """Everything a library depends on but its thread count: the weights' bytes, dtype, the code it
     was traced from, torch and the CPU."""
     digest = hashlib.blake2b(digest_size=16)
-    for module in (attention_module, layers_module, sys.modules[__name__]):
+    for module in (attention_module, layers_module, linear_module, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
+    for source in cpu_kernels.SOURCES:
+        digest.update(source.read_bytes())
     meta = {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
             "config": repr(model.config)}
     digest.update(json.dumps(meta, sort_keys=True).encode())
@@ -156,11 +163,21 @@ def compile_step(model: nn.Module, cache_dir: Path, plan: list[tuple[int, int | 
     eager forward, which is always correct."""
     if model.device.type != "cpu":
         return None
+    use_kernels(model, cache_dir.parent / "kernels")
     step = CompiledStep(model, cache_dir, progress)
     for tokens, threads in plan:
         if not step.ensure(tokens, threads):
             return None if not step.paths else step
     return step
+
+
+def use_kernels(model: nn.Module, kernel_dir: Path) -> bool:
+    """Load saguaro's CPU kernels (models/cpu_kernels.py: attention for every dtype, eager and compiled)
+    and route the model's bfloat16 linears through its kernel for decode-sized calls. False where the
+    linears keep torch's kernels (float32, no AVX512_BF16, no compiler)."""
+    if not cpu_kernels.load(kernel_dir) or model.dtype != torch.bfloat16:
+        return False
+    return all([m.pack_for_kernel() for m in model.modules() if isinstance(m, Linear)])
 
 
 @contextlib.contextmanager
@@ -205,8 +222,10 @@ def _build(model: nn.Module, path: Path, tokens: int) -> None:
         program = torch.export.export(_Step(model).eval(), example_inputs(model, tokens), dynamic_shapes=shapes)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
-    torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
-                                             inductor_configs=INDUCTOR_CONFIGS)
+    configs = dict(INDUCTOR_CONFIGS)
+    if shims := cpu_kernels.aoti_shims():
+        configs["aot_inductor.custom_ops_to_c_shims"] = shims
+    torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=configs)
     partial.replace(path)  # atomic: a crash never leaves a half-written library under the final name
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saguaro.models import cpu_kernels
+
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -31,12 +33,37 @@ def native_bf16() -> bool:
 _PACKED_DTYPES = (torch.float32, torch.bfloat16) if native_bf16() else (torch.float32,)
 
 
+# Calls of up to this many rows (a decode step, a verification, a few draft branches) go to our bf16
+# kernel where the layer has its packed weight: it gives a row the same bits whatever the row count.
+KERNEL_MAX_ROWS = 16
+
+
 class Linear(nn.Linear):
     _packed: torch.Tensor | None = None
     _packed_version: int = -1
-    prepack: bool = True  # False: no packed copy (a compiled step holds the model's packed weights)
+    _kernel_version: int = -1
+    prepack: bool = True  # False: no oneDNN packed copy
+    kernel_weight: torch.Tensor | None  # the weight in saguaro_cpu's layout (`pack_for_kernel`)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("kernel_weight", None, persistent=False)
+
+    def pack_for_kernel(self) -> bool:
+        """Give the layer the weight in saguaro_cpu's layout (a copy) for decode-sized calls; False where
+        the kernel does not apply (not bfloat16 on a CPU, kernels not loaded)."""
+        if not (cpu_kernels.loaded() and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"):
+            return False
+        self.kernel_weight = cpu_kernels.pack_weight(self.weight)
+        self._kernel_version = _version(self.weight)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_weight is not None and self._use_kernel(x):
+            if not _tracing() and self._kernel_version != _version(self.weight):  # trained in place since
+                self.pack_for_kernel()
+            out = cpu_kernels.packed_linear(x, self.kernel_weight, self.out_features)
+            return out if self.bias is None else out + self.bias
         if not self._use_packed(x):
             return F.linear(x, self.weight, self.bias)
         version = _version(self.weight)
@@ -46,6 +73,10 @@ class Linear(nn.Linear):
         if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
             return _one_row(x, self._packed, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        return (x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and self.weight.requires_grad)
+                and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1])
 
     def _use_packed(self, x: torch.Tensor) -> bool:
         return (self.prepack and not _tracing() and x.device.type == "cpu" and x.dtype in _PACKED_DTYPES and self.weight.dtype == x.dtype
@@ -59,6 +90,7 @@ class Linear(nn.Linear):
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: any packed copy is stale
         self._packed, self._packed_version = None, -1
+        self.kernel_weight = None
         return super()._apply(fn, recurse)
 
 

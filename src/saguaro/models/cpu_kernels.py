@@ -1,0 +1,123 @@
+"""Our C++ CPU kernels (models/csrc/), built once per machine with the system's C++ compiler and loaded
+as torch ops.
+
+- `saguaro_cpu::packed_linear`: the bfloat16 linear for decode-sized calls: one sequential pass over a
+  packed weight for up to 6 rows, each output summed in an order that does not depend on the row count
+  (csrc/dot_linear.cpp says why torch's kernels could not serve).
+- `saguaro_cpu::cached_attention`: the cache write and the attention of a few queries, float32 or
+  bfloat16, each query's output independent of the queries and masked keys around it
+  (csrc/attention.cpp).
+
+Both serve the compiled step (models/compiled.py) and the eager forward's decode-sized calls.
+
+A build takes ~10 s and is kept under the cache directory, keyed by the source, torch and the compiler
+flags. Where the CPU lacks AVX512_BF16 or no compiler works, `load` returns False and callers keep
+torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("dot_linear.cpp", "attention.cpp", "shims.cpp")]
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16"]
+
+
+def supported() -> bool:
+    """Whether this CPU has what the kernels are written for: AVX-512 with VDPBF16PS (AVX512_BF16)."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+@functools.cache
+def load(cache_dir: Path) -> bool:
+    """Build (seconds, once per machine) and load the kernels; False, with a warning, where they cannot be."""
+    if loaded():
+        return True
+    if not supported():
+        return False
+    try:
+        library = _build(cache_dir)
+        ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL)  # global: compiled steps link to its C shims at load
+        torch.ops.load_library(str(library))
+    except Exception as exc:  # noqa: BLE001 - any failure leaves torch's kernels, which are always correct
+        log.warning("no saguaro CPU kernels, using torch's: %s", str(exc).splitlines()[0][:300])
+        return False
+    torch.library.register_fake("saguaro_cpu::pack_weight")(_packed_shape)
+    torch.library.register_fake("saguaro_cpu::packed_linear")(_linear_shape)
+    torch.library.register_fake("saguaro_cpu::cached_attention")(_attention_shape)
+    return True
+
+
+def loaded() -> bool:
+    return hasattr(torch.ops, "saguaro_cpu") and hasattr(torch.ops.saguaro_cpu, "cached_attention")
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] bfloat16 -> the kernel's layout [ceil(N/4), ceil(K/32), 4, 32] (a copy, zero padded)."""
+    return torch.ops.saguaro_cpu.pack_weight(weight.detach().contiguous())
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    return torch.ops.saguaro_cpu.packed_linear(x, packed, out_features)
+
+
+def aoti_shims() -> dict:
+    """`aot_inductor.custom_ops_to_c_shims` for our ops (csrc/shims.cpp): a compiled step calls them
+    directly instead of through AOTInductor's proxy executor."""
+    if not loaded():
+        return {}
+    handle = "AtenTensorHandle"
+    return {
+        torch.ops.saguaro_cpu.packed_linear.default: [
+            f"AOTITorchError aoti_torch_cpu_packed_linear({handle} x, {handle} packed, int64_t n, {handle}* out)"],
+        torch.ops.saguaro_cpu.cached_attention.default: [
+            f"AOTITorchError aoti_torch_cpu_cached_attention({handle} q, {handle} k, {handle} v, {handle} k_cache, "
+            f"{handle} v_cache, int64_t layer, {handle} slots, {handle} mask, {handle}* out)"],
+    }
+
+
+def _packed_shape(weight):
+    n, k = weight.shape
+    return weight.new_empty((-(-n // 4), -(-k // 32), 4, 32))
+
+
+def _linear_shape(x, packed, n):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _attention_shape(q, k, v, k_cache, v_cache, layer, slots, mask):
+    return q.new_empty(q.shape)  # contiguous, like the real output
+
+
+def _build(cache_dir: Path) -> Path:
+    from torch.utils import cpp_extension
+
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    compiler = os.environ.get("CXX", "g++")
+    digest = hashlib.blake2b(digest_size=12)
+    for part in (*(p.read_bytes() for p in SOURCES), torch.__version__.encode(), " ".join([compiler, abi, *FLAGS]).encode()):
+        digest.update(part)
+    library = cache_dir / f"saguaro_cpu-{digest.hexdigest()}.so"
+    if library.exists():
+        return library
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    libdir = str(Path(torch.__file__).parent / "lib")
+    partial = library.with_name(f"{library.stem}.{os.getpid()}.tmp.so")
+    command = [compiler, *FLAGS, abi, *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, SOURCES),
+               "-o", str(partial), f"-L{libdir}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{libdir}"]
+    log.info("building saguaro's CPU kernels (once per machine): %s", library.name)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+    partial.replace(library)  # atomic: a crash never leaves a half-written library under the final name
+    return library

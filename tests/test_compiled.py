@@ -24,8 +24,8 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
 
 
 def _model(dtype: torch.dtype):
-    # head_dim 16: saguaro's C++ attention serves it where the CPU kernels load
-    return tiny_model(3, VOCAB, layers=2, head_dim=16).to(dtype)
+    # head_dim 64: saguaro's C++ attention serves it where the CPU kernels load
+    return tiny_model(3, VOCAB, layers=2, head_dim=64, tie_embeddings=True).to(dtype)  # tied: one tensor, two names
 
 
 @pytest.fixture(scope="module", params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))

@@ -110,13 +110,13 @@ def test_negative_control_torch_attention_depends_on_span():
 def test_cached_attention_follows_a_tree_mask():
     """Draft-tree masks are not prefixes: a query sees only the keys its row of the mask allows."""
     g = torch.Generator().manual_seed(2)
-    kc, vc = torch.randn(1, 1, 1, 64, 16, generator=g), torch.randn(1, 1, 1, 64, 16, generator=g)
-    q, k, v = torch.randn(1, 2, 2, 16, generator=g), torch.randn(1, 1, 2, 16, generator=g), torch.randn(1, 1, 2, 16, generator=g)
+    kc, vc = torch.randn(1, 1, 1, 64, 64, generator=g), torch.randn(1, 1, 1, 64, 64, generator=g)
+    q, k, v = torch.randn(1, 2, 2, 64, generator=g), torch.randn(1, 1, 2, 64, generator=g), torch.randn(1, 1, 2, 64, generator=g)
     mask = torch.zeros(1, 1, 2, 32, dtype=torch.bool)
     mask[0, 0, 0, [0, 3, 20]] = True
     mask[0, 0, 1, [5, 21]] = True
     out = torch.ops.saguaro_cpu.cached_attention(q, k, v, kc, vc, 0, torch.tensor([[20, 21]]), mask)
     for t, allowed in ((0, [0, 3, 20]), (1, [5, 21])):
         keys, vals = kc[0, 0, 0, allowed].double(), vc[0, 0, 0, allowed].double()
-        want = torch.softmax(q[0, :, t].double() @ keys.T / 4, -1) @ vals
+        want = torch.softmax(q[0, :, t].double() @ keys.T / 8, -1) @ vals
         assert (out[0, :, t].double() - want).abs().max() < 1e-5

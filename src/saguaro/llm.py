@@ -129,7 +129,7 @@ class LLM:
         self.dtype = dtype
         if compile_wanted(compile):
             self.target.compiled = compile_step(self.target, cache_root() / "compiled", [(1, None)])
-            if self.target.compiled is not None:  # its libraries hold the packed weights
+            if self.target.compiled is not None:  # it serves decoding: prefills need no oneDNN packed copy
                 for module in self.target.modules():
                     if isinstance(module, Linear):
                         module.drop_packed()

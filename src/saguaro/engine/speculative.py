@@ -14,6 +14,9 @@ from saguaro.engine.verify import verify
 from saguaro.loader import CheckpointError
 from saguaro.models.transformer import CausalLM
 from saguaro.speculators import NeuralSpeculator, NgramSpeculator, Speculator
+from saguaro.loader import cache_root
+from saguaro.models import cpu_kernels
+from saguaro.models.compiled import use_kernels
 from saguaro.speculators.draft import check_vocabulary, load_draft
 from saguaro.ssd.options import SSDOptions
 
@@ -84,7 +87,10 @@ def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_s
         raise CheckpointError("no draft model: pass --draft PATH (a checkpoint sharing the target's "
                               "tokenizer) or --draft ngram")
     if mode == "sd":
-        speculator = NeuralSpeculator(load_draft(path, target, tokenizer), target.config.vocab_size)
+        draft_model = load_draft(path, target, tokenizer)
+        if draft_model.device.type == "cpu" and cpu_kernels.loaded():  # loaded with the target's compiled step
+            use_kernels(draft_model, cache_root() / "kernels")
+        speculator = NeuralSpeculator(draft_model, target.config.vocab_size)
         return SDEngine(target, speculator, k, stop, max_batch_size)
     if mode == "ssd":
         return make_ssd_engine(target, tokenizer, path, target_path, k, stop, max_batch_size, ssd)

@@ -78,7 +78,7 @@ def kernel_applies(q: torch.Tensor) -> bool:
     """Whether saguaro's C++ attention (models/csrc/attention.cpp) serves this call: a few queries, on
     a CPU where the kernels are loaded. It is order-free like `invariant_attention`, and faster."""
     return (cpu_kernels.loaded() and q.device.type == "cpu" and q.shape[2] <= INVARIANT_MAX_QUERIES
-            and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0)
+            and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] in (64, 128))
 
 
 def write_and_attend(q, k, v, k_cache, v_cache, slots, mask):

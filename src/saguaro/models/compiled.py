@@ -1,21 +1,23 @@
 """The target's small forwards (a decode step, a K+1 verification) compiled ahead of time for this CPU.
 
-AOTInductor turns the whole step (embedding, every layer's projections and MLP, norm, output head)
-into one shared library whose GEMMs are inductor's C++ micro-kernels over weights packed at compile
-time: on a 2-core AMD EPYC (AVX-512, AVX512_BF16) one bfloat16 token took 15.7 ms against 38-42 eager
-(`benchmarks/forward_paths.py`). The cache write and the attention stay outside the graph, as the
-custom op `saguaro::cached_attention`, so one library serves every cache length with no
-recompilation. Row and query counts are fixed per library (inductor's GEMMs are fast only near the
-row count they were tuned for); other shapes (prefills, batches, draft trees) run eager.
+AOTInductor turns the whole step (embedding, every layer's projections and MLP, norms, output head)
+into one shared library per (query count, thread count). Where saguaro's CPU kernels load
+(models/cpu_kernels.py: AVX512_BF16 and a C++ compiler), the library calls them directly through C
+shims: the bfloat16 linears and the cache write + attention. The linears then read one packed weight
+the eager model and every library share (no copy in the library), and five tokens cost about what one
+does. Elsewhere (float32, other CPUs) inductor's own C++ GEMMs run over weights it packs into the
+library, and the attention is the Python custom op `saguaro::cached_attention`. Either way the cache
+write and attention stay outside the graph's shapes, so one library serves every cache length with
+no recompilation; other shapes (prefills, batches, draft trees) run eager.
 
 Exactness: with inductor rounding half-precision intermediates where eager would
-(`emulate_precision_casts`) and the attention's sums order-free (models/attention.py), a token's
-logits from the 5-token library equal bitwise those from the 1-token one (tests/test_compiled.py), so
-greedy SD and SSD stay token-identical to AR on the compiled path.
+(`emulate_precision_casts`), row-count invariant linears and order-free attention, a token's logits
+from the 5-token library equal bitwise those from the 1-token one (tests/test_compiled.py), so greedy
+SD and SSD stay token-identical to AR on the compiled path.
 
-A library is built once per (weights, dtype, code, torch, CPU, thread count) and kept under the
-user's cache directory; later starts load it in about a second. It holds the packed weights, so the
-eager model then keeps no packed copy of its own (`Linear.drop_packed`).
+A library is built once per (weights, dtype, code, torch, CPU, thread count), in about 30 s with the
+kernels or 1-2 min without, and kept under the user's cache directory; later starts load it in
+about a second.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class CompiledStep:
         self.stats = StepStats()
         self._model = model
         self._runners: dict[tuple[int, int], object] = {}
+        self.shared_weights = kernel_linears(model)  # libraries use the model's tensors, no copy
 
     def ensure(self, tokens: int, threads: int | None = None) -> bool:
         """Load (or build, minutes, once per machine) the library for `tokens` queries at `threads`
@@ -95,7 +98,7 @@ class CompiledStep:
         threads = threads or torch.get_num_threads()
         if (tokens, threads) in self._runners:
             return True
-        path = self.cache_dir / f"{self.key}-t{tokens}-j{threads}.pt2"
+        path = self.cache_dir / f"{self.key}-t{tokens}-j{threads}{'-shared' if self.shared_weights else ''}.pt2"
         try:
             if not path.exists():
                 t0 = time.perf_counter()
@@ -107,13 +110,24 @@ class CompiledStep:
                 prune(self.cache_dir)
             os.utime(path)  # last used now: pruning keeps the recently used libraries
             t0 = time.perf_counter()
-            self._runners[tokens, threads] = torch._inductor.aoti_load_package(str(path))
+            runner = torch._inductor.aoti_load_package(str(path))
+            if self.shared_weights:
+                runner.load_constants(self._constants(runner.get_constant_fqns()), check_full_update=True,
+                                      user_managed=True)
+            self._runners[tokens, threads] = runner
             self.stats.load_s += time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - any failure leaves the (always correct) eager forward
             log.warning("no compiled %d-token step, running eager: %s", tokens, str(exc).splitlines()[0][:300])
             return False
         self.paths.append(path)
         return True
+
+    def _constants(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The library's weights are the model's own tensors (user-managed, not copied): every library
+        and the eager forward share one copy, packed or not."""
+        step = _Step(self._model)
+        tensors = {**dict(step.named_parameters(remove_duplicate=False)), **dict(step.named_buffers(remove_duplicate=False))}
+        return {name: tensors[name].detach() for name in names}
 
     def accepts(self, rows: int, tokens: int) -> bool:
         return rows == 1 and (tokens, torch.get_num_threads()) in self._runners
@@ -180,6 +194,11 @@ def use_kernels(model: nn.Module, kernel_dir: Path) -> bool:
     return all([m.pack_for_kernel() for m in model.modules() if isinstance(m, Linear)])
 
 
+def kernel_linears(model: nn.Module) -> bool:
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    return bool(linears) and all(m.kernel_weight is not None for m in linears)
+
+
 @contextlib.contextmanager
 def _num_threads(threads: int):
     saved = torch.get_num_threads()
@@ -225,6 +244,9 @@ def _build(model: nn.Module, path: Path, tokens: int) -> None:
     configs = dict(INDUCTOR_CONFIGS)
     if shims := cpu_kernels.aoti_shims():
         configs["aot_inductor.custom_ops_to_c_shims"] = shims
+    # With every linear on our kernel the graph packs nothing of its own: the weights stay out of the
+    # library and it is handed the model's tensors at load (`CompiledStep._constants`).
+    configs["aot_inductor.package_constants_in_so"] = not kernel_linears(model)
     torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=configs)
     partial.replace(path)  # atomic: a crash never leaves a half-written library under the final name
 

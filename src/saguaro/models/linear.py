@@ -54,7 +54,11 @@ class Linear(nn.Linear):
         the kernel does not apply (not bfloat16 on a CPU, kernels not loaded)."""
         if not (cpu_kernels.loaded() and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"):
             return False
-        self.kernel_weight = cpu_kernels.pack_weight(self.weight)
+        packed = cpu_kernels.pack_weight(self.weight)
+        if self.kernel_weight is not None and self.kernel_weight.shape == packed.shape:
+            self.kernel_weight.copy_(packed)  # in place: compiled steps hold this very tensor
+        else:
+            self.kernel_weight = packed
         self._kernel_version = _version(self.weight)
         return True
 

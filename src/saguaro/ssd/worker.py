@@ -22,7 +22,8 @@ import socket
 import torch
 
 from saguaro.embedded import embedded_draft_path, embedded_target_path
-from saguaro.loader import load_embeddings
+from saguaro.loader import cache_root, load_embeddings
+from saguaro.models.compiled import use_kernels
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import SamplingParams
 from saguaro.speculators.draft import load_draft_alone
@@ -50,7 +51,10 @@ def pin(cores: list[int] | None, threads: int | None) -> None:
 def load_worker_draft(target, draft, dtype: torch.dtype, device: str) -> tuple[CausalLM, int]:
     """The draft on the target's embeddings, and the target's vocabulary size."""
     embeddings, vocab = load_embeddings(target, dtype=dtype, device=device)
-    return load_draft_alone(draft, embeddings, vocab, dtype, device), vocab
+    model = load_draft_alone(draft, embeddings, vocab, dtype, device)
+    if device == "cpu":
+        use_kernels(model, cache_root() / "kernels")  # bf16 linears and small attentions on saguaro's CPU kernels
+    return model, vocab
 
 
 def make_drafter(draft: CausalLM, vocab: int, k: int, fanout: list[int], c: float,

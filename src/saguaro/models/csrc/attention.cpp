@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <vector>
 
@@ -31,30 +32,78 @@ inline void store16(at::BFloat16* p, __m512 v) {
   for (int i = 0; i < 16; ++i) p[i] = at::BFloat16(tmp[i]);  // round to nearest even, as torch does
 }
 
-// One query row (already in float) against keys [0, S) where allowed[s]; writes out[D] in T.
-template <typename T>
-void attend_one(const float* q, const T* keys, const T* values, const bool* allowed, int64_t S, int64_t D,
-                float scale, float* scores, float* acc, T* out) {
+// exp(x) for x <= 0 (scores minus their maximum), -inf -> 0: x = n ln2 + r with |r| <= ln2/2, e^r by
+// its Taylor series to r^7 (relative error < 2e-8 on that range), times 2^n. Elementwise, so the order
+// of anything does not enter.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts (Cody-Waite)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __m512 e = _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), e);
+}
+
+// One query row (already in float) against keys [0, S) where allowed[s]; writes out[NV * 16] in T.
+// Scores are fixed 16-lane dot products; the softmax total sums key s in lane s % 16; values are
+// accumulated key by key in index order. Masked keys are never read.
+template <typename T, int NV>
+void attend_one(const float* q, const T* keys, const T* values, const bool* allowed, int64_t S, float scale,
+                float* scores, T* out) {
+  constexpr int64_t D = NV * 16;
+  __m512 qv[NV];
+  for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
   float top = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
-    if (!allowed[s]) continue;
-    __m512 dot = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) dot = _mm512_fmadd_ps(load16(q + d), load16(keys + s * D + d), dot);
+    if (!allowed[s]) {
+      scores[s] = -INFINITY;
+      continue;
+    }
+    __m512 dot = _mm512_mul_ps(qv[0], load16(keys + s * D));
+    for (int i = 1; i < NV; ++i) dot = _mm512_fmadd_ps(qv[i], load16(keys + s * D + 16 * i), dot);
     scores[s] = _mm512_reduce_add_ps(dot) * scale;
     top = std::max(top, scores[s]);
   }
-  for (int64_t d = 0; d < D; d += 16) store16(acc + d, _mm512_setzero_ps());
-  float total = 0.0f;
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 lanes = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; s += 16) {
+    const __mmask16 live = S - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - s)) - 1);
+    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, scores + s);
+    const __m512 p = exp_nonpositive(_mm512_sub_ps(x, shift));
+    _mm512_mask_storeu_ps(scores + s, live, p);
+    lanes = _mm512_add_ps(lanes, p);
+  }
+  const float total = _mm512_reduce_add_ps(lanes);
+  __m512 acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t s = 0; s < S; ++s) {
     if (!allowed[s]) continue;
-    const float p = std::exp(scores[s] - top);
-    total += p;
-    const __m512 pv = _mm512_set1_ps(p);
-    for (int64_t d = 0; d < D; d += 16)
-      store16(acc + d, _mm512_fmadd_ps(pv, load16(values + s * D + d), load16(acc + d)));
+    const __m512 p = _mm512_set1_ps(scores[s]);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(p, load16(values + s * D + 16 * i), acc[i]);
   }
   const __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
-  for (int64_t d = 0; d < D; d += 16) store16(out + d, _mm512_mul_ps(load16(acc + d), inv));
+  for (int i = 0; i < NV; ++i) store16(out + 16 * i, _mm512_mul_ps(acc[i], inv));
+}
+
+// cache [B, Hk, C, D] at row b, slot slots[b, t] <- x [B, Hk, T, D] at t (a copy per head: no dispatch)
+void write_slots(const at::Tensor& x, at::Tensor& cache, const at::Tensor& slots) {
+  TORCH_CHECK(x.scalar_type() == cache.scalar_type() && slots.scalar_type() == at::kLong,
+              "saguaro_cpu::cached_attention: k and v in the cache's dtype, int64 slots");
+  const int64_t B = x.size(0), Hk = x.size(1), T = x.size(2), D = x.size(3), C = cache.size(2);
+  const at::Tensor where = slots.contiguous();
+  const int64_t* sp = where.const_data_ptr<int64_t>();
+  const auto* src = static_cast<const char*>(x.const_data_ptr());
+  auto* dst = static_cast<char*>(cache.mutable_data_ptr());
+  const int64_t row = D * x.element_size();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t slot = sp[b * T + t];
+      TORCH_CHECK(slot >= 0 && slot < C, "saguaro_cpu::cached_attention: slot ", slot, " outside the cache");
+      for (int64_t h = 0; h < Hk; ++h)
+        std::memcpy(dst + ((b * Hk + h) * C + slot) * row, src + ((b * Hk + h) * T + t) * row, row);
+    }
 }
 
 template <typename T>
@@ -67,15 +116,15 @@ void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const 
   const T* vp = vc.const_data_ptr<T>();
   const bool* mp = mask.const_data_ptr<bool>();
   T* op = out.mutable_data_ptr<T>();
+  auto one = D == 64 ? attend_one<T, 4> : attend_one<T, 8>;
   at::parallel_for(0, B * H * Tq, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(S), acc(D), qf(D);
+    std::vector<float> scores(S), qf(D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (H * Tq), h = (i / Tq) % H, t = i % Tq;
       const T* qrow = qp + i * D;
       for (int64_t d = 0; d < D; d += 16) store16(qf.data() + d, load16(qrow + d));
       const int64_t kv = (b * Hk + h / group) * C * D;
-      attend_one<T>(qf.data(), kp + kv, vp + kv, mp + (b * Tq + t) * S, S, D, scale, scores.data(), acc.data(),
-                    op + i * D);
+      one(qf.data(), kp + kv, vp + kv, mp + (b * Tq + t) * S, S, scale, scores.data(), op + i * D);
     }
   });
 }
@@ -90,15 +139,12 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             at::Tensor& v_cache, int64_t layer, const at::Tensor& slots, const at::Tensor& mask) {
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k.scalar_type() == k_cache.scalar_type(),
               "saguaro_cpu::cached_attention: q, k, v and the caches must share a dtype");
-  TORCH_CHECK(q.size(3) % 16 == 0, "saguaro_cpu::cached_attention: head_dim must be a multiple of 16");
+  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "saguaro_cpu::cached_attention: head_dim must be 64 or 128");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && mask.scalar_type() == at::kBool,
               "saguaro_cpu::cached_attention: contiguous caches and a bool mask");
   at::Tensor kc = k_cache.select(0, layer), vc = v_cache.select(0, layer);
-  const at::Tensor index = slots.to(at::kLong);
-  for (int64_t b = 0; b < k.size(0); ++b) {  // [Hk, T, D] into [Hk, C, D] at the row's slots
-    kc.select(0, b).index_copy_(1, index.select(0, b), k.select(0, b));
-    vc.select(0, b).index_copy_(1, index.select(0, b), v.select(0, b));
-  }
+  write_slots(k.contiguous(), kc, slots);
+  write_slots(v.contiguous(), vc, slots);
   const at::Tensor qc = q.contiguous(), mc = mask.expand({q.size(0), 1, q.size(2), mask.size(-1)}).contiguous();
   TORCH_CHECK(mc.size(-1) <= kc.size(2), "saguaro_cpu::cached_attention: the mask spans past the cache");
   at::Tensor out = at::empty_like(qc);

@@ -143,3 +143,32 @@ def test_prune_keeps_the_most_recently_used_libraries(tmp_path):
     removed = compiled_mod.prune(tmp_path, keep=3)
     assert sorted(p.name for p in removed) == ["lib3.pt2", "lib4.pt2"]
     assert sorted(p.name for p in tmp_path.glob("*.pt2")) == ["lib0.pt2", "lib1.pt2", "lib2.pt2"]
+
+
+def test_kernel_path_is_thread_count_invariant(tmp_path):
+    """bfloat16 on saguaro's CPU kernels: the libraries for one and for two threads give a token bitwise
+    the same logits, so auto's AR rounds (every core) and SSD rounds (the target's share) agree."""
+    if not native_bf16():
+        pytest.skip("needs native bfloat16")
+    model = _model(torch.bfloat16)
+    model.compiled = compile_step(model, tmp_path, [(1, 1), (1, 2)], progress=False)
+    assert model.compiled is not None and model.compiled.shared_weights
+    prompt = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
+    saved = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            cache = model.new_cache(1, 64)
+            model(prompt, cache)
+            cache.lengths[:] = 40
+            steps = []
+            for i in range(ids.shape[1]):
+                steps.append(model(ids[:, i:i + 1], cache))
+                cache.lengths += 1
+            runs.append(torch.cat(steps, 1))
+    finally:
+        torch.set_num_threads(saved)
+    assert model.compiled.stats.compiled_calls == 2 * ids.shape[1]
+    assert torch.equal(runs[0], runs[1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from saguaro.engine import speculative
+from saguaro.engine import scoring
 from saguaro.engine.base import AREngine
 from saguaro.engine.sequence import Sequence
 from saguaro.engine.speculative import SDEngine
@@ -171,7 +171,24 @@ def wrong_verify(draft_tokens, q, p, generators):
 
 
 def test_negative_control_wrong_verifier_fails(monkeypatch):
-    monkeypatch.setattr(speculative, "verify", wrong_verify)
+    monkeypatch.setattr(scoring, "verify", wrong_verify)  # the verifier every speculative round calls
     target, spec, prompt = statistical_setup("neural")
     samples = sd_samples(target, spec, prompt, 1.0, k=2)
     assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) < 0.01
+
+
+def test_greedy_verification_equals_the_rule_with_one_hot_p():
+    """verify_greedy (all-greedy rounds, no probabilities formed) gives what `verify` gives when p is
+    one-hot on the target's tokens, for deterministic drafts and for drafts with any q."""
+    from saguaro.engine.verify import verify, verify_greedy
+
+    g = torch.Generator().manual_seed(0)
+    vocab, k = 7, 4
+    for trial in range(200):
+        targets = torch.randint(0, vocab, (3, k + 1), generator=g)
+        drafts = torch.where(torch.rand(3, k, generator=g) < 0.6, targets[:, :k], torch.randint(0, vocab, (3, k), generator=g))
+        p = torch.zeros(3, k + 1, vocab).scatter_(-1, targets[..., None], 1.0)
+        q = torch.softmax(torch.randn(3, k, vocab, generator=g) * 3, -1) if trial % 2 else None
+        want = verify(drafts, q, p, [torch.Generator().manual_seed(trial + i) for i in range(3)])
+        got = verify_greedy(drafts, targets)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

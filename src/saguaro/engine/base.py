@@ -12,7 +12,7 @@ from collections import deque
 
 import torch
 
-from saguaro.engine.scoring import emitted_logprobs, round_distribution
+from saguaro.engine.scoring import emitted_logprobs, greedy_tokens, round_distribution
 from saguaro.engine.sequence import Sequence
 from saguaro.kv_cache import KVCache
 from saguaro.models.transformer import CausalLM
@@ -173,7 +173,10 @@ def decode_one_token(target: CausalLM, cache: KVCache, seqs: list[Sequence], sto
 
 def append_sampled(seqs: list[Sequence], logits: torch.Tensor, stop_ids: set[int]) -> None:
     """Sample each row's next token from the target's processed distribution at logits [B, V] and append it."""
-    p, logp = round_distribution(logits, seqs)
-    tokens = [[t] for t in sample(p, [s.generator for s in seqs]).tolist()]
+    if (targets := greedy_tokens(logits, seqs)) is not None:  # p one-hot on these: no softmax needed
+        logp, tokens = None, [[t] for t in targets.tolist()]
+    else:
+        p, logp = round_distribution(logits, seqs)
+        tokens = [[t] for t in sample(p, [s.generator for s in seqs]).tolist()]
     for s, t, lps in zip(seqs, tokens, emitted_logprobs(logp, seqs, tokens)):
         s.append(t, stop_ids, lps)

@@ -8,9 +8,8 @@ import time
 import torch
 
 from saguaro.engine.base import Engine
-from saguaro.engine.scoring import emitted_logprobs, round_distribution
+from saguaro.engine.scoring import emitted_logprobs, verify_round
 from saguaro.engine.ssd_setup import make_ssd_engine
-from saguaro.engine.verify import verify
 from saguaro.loader import CheckpointError
 from saguaro.models.transformer import CausalLM
 from saguaro.speculators import NeuralSpeculator, NgramSpeculator, Speculator
@@ -54,9 +53,8 @@ class SDEngine(Engine):
         last = torch.tensor([[s.last_token] for s in seqs])
         ids = torch.cat([last, proposal.tokens], 1).to(self.target.device)
         logits = self.target(ids, self.cache)  # [B, K+1, V]
-        p, logp = round_distribution(logits, seqs, proposal.tokens)  # position j sees drafts 1..j-1 too
-        q = None if proposal.q is None else proposal.q.to(p.dtype)
-        accepted, emitted = verify(proposal.tokens.to(p.device), q, p, [s.generator for s in seqs])
+        accepted, emitted, logp = verify_round(logits, seqs, proposal.tokens,
+                                               lambda p: None if proposal.q is None else proposal.q.to(p.dtype))
         t2 = time.perf_counter()
         self.cache.lengths += accepted + 1  # the fed last token plus the accepted proposals
         accepted_list, emitted_list = accepted.tolist(), emitted.tolist()

@@ -18,8 +18,7 @@ import torch
 
 from saguaro.engine.auto import RoundChoice, RoundRule
 from saguaro.engine.base import Engine, decode_one_token
-from saguaro.engine.scoring import emitted_logprobs, round_distribution
-from saguaro.engine.verify import verify
+from saguaro.engine.scoring import emitted_logprobs, verify_round
 from saguaro.models.transformer import CausalLM
 from saguaro.ssd.client import WorkerError
 from saguaro.ssd.drafter import Speculation
@@ -227,13 +226,15 @@ class SSDEngine(Engine):
         tokens = torch.tensor([sp.tokens for sp in specs])
         last = torch.tensor([[s.last_token] for s in seqs])
         logits = self.target(torch.cat([last, tokens], 1).to(self.target.device), self.cache)
-        p, logp = round_distribution(logits, seqs, tokens)  # position j sees drafts 1..j-1 too
-        q = None
-        if any(sp.q is not None for sp in specs):
+
+        def draft_q(p: torch.Tensor) -> torch.Tensor | None:
+            if all(sp.q is None for sp in specs):
+                return None
             one_hot = torch.zeros(k, p.shape[-1], dtype=p.dtype)
-            q = torch.stack([sp.q.to(p.dtype) if sp.q is not None else one_hot.scatter(1, torch.tensor(sp.tokens)[:, None], 1.0)
-                             for sp in specs]).to(p.device)
-        accepted, emitted = verify(tokens.to(p.device), q, p, [s.generator for s in seqs])
+            return torch.stack([sp.q.to(p.dtype) if sp.q is not None
+                                else one_hot.scatter(1, torch.tensor(sp.tokens)[:, None], 1.0) for sp in specs]).to(p.device)
+
+        accepted, emitted, logp = verify_round(logits, seqs, tokens, draft_q)
         accepted, emitted = accepted.cpu(), emitted.cpu()
         t2 = time.perf_counter()
         self.drafter.finish_tree()

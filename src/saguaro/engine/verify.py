@@ -40,3 +40,13 @@ def verify(draft_tokens: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor,
     residual = torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(p.dtype).tiny), p_next)
     dist = torch.where(rejected[:, None], residual, p_next)
     return accepted, sample(dist, generators)
+
+
+def verify_greedy(draft_tokens: torch.Tensor, target_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`verify` for rows whose p is one-hot on the target's greedy token, given those tokens [B, K+1]:
+    whatever q is, a draft is accepted exactly when it is the target's token (u * q(s) < 1 always
+    holds, u * q(s) < 0 never), and the residual, or the bonus, is one-hot on the target's token at
+    the first mismatch. No probabilities over the vocabulary are formed."""
+    k = draft_tokens.shape[1]
+    accepted = (draft_tokens == target_tokens[:, :k]).int().cumprod(-1).sum(-1)
+    return accepted, target_tokens.gather(1, accepted[:, None])[:, 0]

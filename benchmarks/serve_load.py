@@ -35,11 +35,21 @@ SAGUARO = [sys.executable, "-m", "saguaro.cli"]
 CONFIGS = {"default": [], "ar": ["--mode", "ar"]}
 
 
-def start_server(args: list[str], port: int) -> subprocess.Popen:
+def cpu_meta() -> dict:
+    """The command line and the CPU it ran on (model, bf16/avx512 flags, cores), for a result's JSON."""
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    flags = next((ln.split(":", 1)[1].split() for ln in cpu.splitlines() if ln.startswith("Flags")), [])
+    return {"command": shlex.join(["python"] + sys.argv), "cpu": platform.processor() or "",
+            "model": next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), ""),
+            "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags, "cores": os.cpu_count(),
+            "flags": " ".join(flags)}
+
+
+def start_server(args: list[str], port: int, timeout_s: float = 120) -> subprocess.Popen:
     cmd = SAGUARO + ["serve", "--port", str(port)] + args
     log.info("starting %s", shlex.join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
@@ -50,7 +60,7 @@ def start_server(args: list[str], port: int) -> subprocess.Popen:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("server did not become healthy within 120 s")
+    raise RuntimeError(f"server did not become healthy within {timeout_s:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -142,12 +152,7 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     if args.json:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        flags = next((ln.split(":", 1)[1].split() for ln in cpu.splitlines() if ln.startswith("Flags")), [])
-        meta = {"command": shlex.join(["python"] + sys.argv), "cpu": platform.processor() or "",
-                "model": next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), ""),
-                "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags, "cores": os.cpu_count(),
-                "configs": {c: shlex.join(["saguaro", "serve"] + CONFIGS[c]) for c in configs}}
+        meta = {**cpu_meta(), "configs": {c: shlex.join(["saguaro", "serve"] + CONFIGS[c]) for c in configs}}
         Path(args.json).write_text(json.dumps({"meta": meta, "table": table, "runs": results}, indent=1))
 
 

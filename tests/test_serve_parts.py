@@ -1,14 +1,22 @@
-"""Serving parts without a server: incremental detokenization, Engine.abort, the engine thread's failure path."""
+"""Serving parts: incremental detokenization, Engine.abort, the engine thread's failure path, and where
+`saguaro serve` runs the engine."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
 
 from saguaro.engine.base import AREngine
 from saguaro.engine.sequence import Sequence
 from saguaro.sampling import SamplingParams
 from saguaro.serve.async_engine import AsyncEngine
 from saguaro.serve.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from saguaro.serve.server import make_server
 
 TEXT = "Café ☕, 世界 and a cactus 🌵🌵 — naïve déjà vu.\n"
 
@@ -102,3 +110,49 @@ def test_an_engine_failure_fails_requests_and_refuses_new_ones(embedded):
     assert delta.error and "boom" in delta.error
     engine.close()
     assert broken.closed and engine.failed and not engine.accepting and engine.in_flight == 0
+
+
+def test_an_engine_run_by_its_owner_closed_before_it_ran_returns_at_once(embedded):
+    broken = BrokenEngine()
+    engine = AsyncEngine(broken, embedded[2], own_thread=False)
+    engine.start()  # a no-op: the owner runs the loop
+    engine.close()
+    assert broken.closed
+    engine.run()  # returns at once, stepping nothing
+
+
+def test_serve_runs_the_engine_on_the_calling_thread_and_http_beside_it(embedded):
+    """`saguaro serve`'s layout: the engine on the thread that loaded the model (here the test's),
+    uvicorn on a side thread; a request goes through, and the server returns once told to exit."""
+    path, model, tokenizer = embedded
+    stepped_on = set()
+
+    class Recording(AREngine):
+        def step(self):
+            stepped_on.add(threading.get_ident())
+            return super().step()
+
+    llm = SimpleNamespace(engine=Recording(model, tokenizer.stop_token_ids), tokenizer=tokenizer, target_path=path,
+                          target=model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = make_server(llm, port=port, grace_s=5, engine_thread=False)
+    replies = []
+
+    def client():
+        deadline = time.time() + 60
+        while not srv.started and time.time() < deadline:
+            time.sleep(0.05)
+        try:
+            replies.append(httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                                      json={"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0}))
+        finally:
+            srv.should_exit = True
+
+    helper = threading.Thread(target=client)
+    helper.start()
+    srv.run_beside_engine()
+    helper.join()
+    assert replies and replies[0].status_code == 200 and replies[0].json()["usage"]["completion_tokens"] == 4
+    assert stepped_on == {threading.get_ident()}

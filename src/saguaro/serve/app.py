@@ -80,7 +80,7 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, context: int, api
     @app.get("/metrics")
     async def metrics():
         return {"mode": engine.mode, "model": model_name, "degraded": engine.degraded,
-                "in_flight": engine.in_flight, **engine.stats.snapshot()}
+                "in_flight": engine.in_flight, **engine.forward_info(), **engine.stats.snapshot()}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

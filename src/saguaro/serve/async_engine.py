@@ -1,5 +1,11 @@
 """The engine behind the server: one thread owns it and runs step() in a loop.
 
+That thread is its own (`start`) or the caller's (`run`). `saguaro serve` runs it on the main thread,
+the one that loaded the model, and HTTP on a side thread (server.py): torch's OpenMP workers then
+spin between kernels as they do under `LLM.generate`, where a second thread running kernels made
+libgomp stop spinning (it counted more threads than cores) and every kernel wait for its workers to
+wake, which cost a single client ~half of its tokens/s on 2 cores (docs/serving.md).
+
 Request handlers (on the asyncio loop) submit and abort through a thread-safe inbox; the engine
 thread takes them in between rounds, so requests join and leave a running batch (continuous
 batching). After each round every changed request gets its new text as a `Delta` on its own
@@ -66,7 +72,8 @@ class Request:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, tokenizer, max_concurrency: int = 256):
+    def __init__(self, engine: Engine, tokenizer, max_concurrency: int = 256, own_thread: bool = True):
+        """own_thread: `start` runs the engine on a thread of its own; else the owner calls `run`."""
         self.engine, self.tokenizer = engine, tokenizer
         self.max_concurrency = max_concurrency
         self.stats = ServerStats()
@@ -78,8 +85,10 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._deadline: float | None = None  # after it, requests still in flight are failed
         self._closing = False
+        self._started = False  # the loop ran (or runs): it closes the engine when it ends
+        self._stopped = threading.Event()
         self.failed: str | None = None  # why the engine loop stopped, if an engine step raised
-        self._thread = threading.Thread(target=self._run, name="saguaro-engine", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="saguaro-engine", daemon=True) if own_thread else None
 
     @property
     def mode(self) -> str:
@@ -93,9 +102,18 @@ class AsyncEngine:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def forward_info(self) -> dict:
+        """The target's dtype, whether its compiled step is attached, and how many forwards it ran."""
+        target = self.engine.target
+        compiled = getattr(target, "compiled", None)
+        return {"dtype": str(target.dtype).removeprefix("torch."), "compiled": compiled is not None,
+                "compiled_calls": compiled.stats.compiled_calls if compiled is not None else 0}
+
     # ------------------------------------------------------------------ request side (event loop)
     def start(self) -> None:
-        self._thread.start()
+        """Start the engine thread; a no-op where the owner runs the engine (`run`)."""
+        if self._thread is not None:
+            self._thread.start()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request (params.n sequences); raises ValueError (bad prompt or settings, over the
@@ -129,13 +147,15 @@ class AsyncEngine:
         self._wake.set()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Fail what is left, stop the thread and close the engine (stopping an SSD draft worker)."""
+        """Fail what is left, stop the loop and close the engine (stopping an SSD draft worker); from any
+        thread but the loop's."""
         with self._lock:
             self.accepting = False
-        self._closing = True
+            self._closing = True
+            started = self._started
         self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        if started:  # the loop closes the engine as it ends
+            self._stopped.wait(timeout)
         else:
             self.engine.close()
 
@@ -144,7 +164,19 @@ class AsyncEngine:
         self._wake.set()
 
     # ------------------------------------------------------------------ engine thread
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The engine loop, on the calling thread, until `close` (or an engine failure); then the
+        engine is closed. Returns at once if `close` came first."""
+        with self._lock:
+            if self._closing:
+                return
+            self._started = True
+        try:
+            self._loop()
+        finally:
+            self._stopped.set()
+
+    def _loop(self) -> None:
         try:
             while not self._closing:
                 self._wake.clear()

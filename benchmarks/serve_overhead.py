@@ -220,10 +220,21 @@ def main() -> None:
           f"steps {s['serve_stream_engine_step_ms_per_token']:.1f} + outside them "
           f"{s['serve_stream_outside_steps_ms_per_token']:.1f}; other jobs used up to {s['max_other_cores']:.2f} cores")
     if args.json:
-        result = {"meta": {**cpu_meta(), "threads": args.threads, "mode": args.mode, "max_tokens": args.max_tokens,
+        result = {"meta": {**cpu_meta(), **code_version(), "threads": args.threads, "mode": args.mode, "max_tokens": args.max_tokens,
                            "prompt": request(args)["messages"][0]["content"]},
                   "summary": s, "llm": direct_runs, "serve": server_runs}
         Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+def code_version() -> dict:
+    """Which saguaro ran (PYTHONPATH may point at another checkout, to measure older code)."""
+    import saguaro
+
+    src = Path(saguaro.__file__).resolve().parent
+    git = ["git", "-C", str(src)]
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(git + ["status", "--porcelain", "--", "."], capture_output=True, text=True).stdout)
+    return {"saguaro": str(src), "commit": head, "dirty": dirty}
 
 
 def _fmt(runs: list[dict], key: str, digits: int = 1) -> str:

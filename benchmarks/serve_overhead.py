@@ -107,7 +107,7 @@ def run_direct(args) -> dict:
            "--max-other-cores", str(args.max_other_cores)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     if out.returncode:
-        raise RuntimeError(f"LLM() run failed: {out.stderr[-2000:]}")
+        raise RuntimeError(f"LLM() run failed (status {out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

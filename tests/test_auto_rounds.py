@@ -133,17 +133,20 @@ def test_drafter_skips_ar_batches_and_resyncs_when_one_row_is_left():
 
 
 def test_measured_rule_tries_both_then_keeps_the_faster_and_re_measures():
-    rule = MeasuredRounds(warmup=2, explore_every=5, explore_rounds=2)
+    rule = MeasuredRounds(warmup=2, explore_every=5, explore_rounds=3)
     modes = []
-    for _ in range(20):
+    for _ in range(19):
         choice = rule(1, 0)
+        switched = bool(modes) and modes[-1] != choice.mode or not modes
         modes.append(choice.mode)
-        # SSD emits 2 tokens in 39 ms, AR 1 token in 20 ms: SSD is faster per token, by 1.03x
-        rule.observe(choice, 1, 0, 0.039 if choice.mode == "ssd" else 0.020, 2 if choice.mode == "ssd" else 1)
-    assert modes[:4] == ["ssd", "ssd", "ar", "ar"]
-    assert modes[4:9] == ["ssd"] * 5  # the faster one
-    assert modes[9:11] == ["ar", "ar"]  # then the slower one again, briefly
-    assert modes[11:16] == ["ssd"] * 5
+        # SSD emits 2 tokens in 39 ms, AR 1 token in 20 ms: SSD is faster per token, by 1.03x. The first
+        # round after a switch pays for it (10x here): it must not be what the rule measures.
+        seconds = (0.039 if choice.mode == "ssd" else 0.020) * (10 if switched else 1)
+        rule.observe(choice, 1, 0, seconds, 2 if choice.mode == "ssd" else 1)
+    assert modes[:6] == ["ssd"] * 3 + ["ar"] * 3  # each: one round to settle, two timed
+    assert modes[6:11] == ["ssd"] * 5  # the faster one
+    assert modes[11:14] == ["ar"] * 3  # then the slower one again, briefly
+    assert modes[14:19] == ["ssd"] * 5
     assert "ssd measured faster" in rule(1, 0).reason
     # the bands are measured apart: sampled rows start over, and batches run AR
     assert rule(1, 1).mode == "ssd" and "sampled: measuring" in rule(1, 1).reason

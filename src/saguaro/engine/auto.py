@@ -84,13 +84,18 @@ class MeasuredRounds:
     """At one row: the faster mode per band as measured; `warmup` rounds of each first (SSD first),
     then `explore_rounds` of the slower every `explore_every` rounds, stretched by the square of how
     much slower it measured (re-measuring a mode at 0.6x costs more than one at 0.95x, and is less
-    likely to have turned). Batches run AR."""
+    likely to have turned). Batches run AR.
+
+    The first round after a switch is run but not timed: it pays for the switch (threads re-pinned,
+    OpenMP's team resized, the draft worker still finishing a tree on the core AR now wants, the
+    drafter resynced), which would make whichever mode is explored look slower than it runs."""
 
     warmup: int = 2
     explore_every: int = 64
-    explore_rounds: int = 2
+    explore_rounds: int = 3  # the first settles, the other two are timed
     clocks: dict[tuple[str, str], ModeClock] = field(default_factory=dict)
     _since_explore: dict[str, int] = field(default_factory=dict)
+    _last_mode: dict[str, str] = field(default_factory=dict)
 
     def __call__(self, batch: int, sampled_rows: int) -> RoundChoice:
         if batch > 1:
@@ -115,8 +120,13 @@ class MeasuredRounds:
         return RoundChoice(best, f"{band}: {best} measured faster ({speeds})")
 
     def observe(self, choice: RoundChoice, batch: int, sampled_rows: int, seconds: float, tokens: int) -> None:
-        if batch == 1:
-            self._clock("sampled" if sampled_rows else "greedy", choice.mode).add(seconds, tokens)
+        if batch != 1:
+            return
+        band = "sampled" if sampled_rows else "greedy"
+        settled = self._last_mode.get(band) == choice.mode
+        self._last_mode[band] = choice.mode
+        if settled:
+            self._clock(band, choice.mode).add(seconds, tokens)
 
     def _clock(self, band: str, mode: str) -> ModeClock:
         return self.clocks.setdefault((band, mode), ModeClock())

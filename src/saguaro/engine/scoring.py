@@ -45,7 +45,7 @@ def greedy_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor | 
     if not all(s.params.greedy and s.params.logprobs is None and not s.params.logit_bias
                and not s.params.needs_history for s in seqs):
         return None
-    return logits.float().argmax(-1)
+    return logits.argmax(-1)  # half-precision logits widen exactly: the same argmax
 
 
 def verify_round(logits: torch.Tensor, seqs: list[Sequence], drafts: torch.Tensor,

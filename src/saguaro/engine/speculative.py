@@ -15,7 +15,7 @@ from saguaro.models.transformer import CausalLM
 from saguaro.speculators import NeuralSpeculator, NgramSpeculator, Speculator
 from saguaro.loader import cache_root
 from saguaro.models import cpu_kernels
-from saguaro.models.compiled import use_kernels
+from saguaro.models.linear import use_kernels
 from saguaro.speculators.draft import check_vocabulary, load_draft
 from saguaro.ssd.options import SSDOptions
 

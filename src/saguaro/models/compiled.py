@@ -40,7 +40,7 @@ from saguaro.models import attention as attention_module
 from saguaro.models import cpu_kernels
 from saguaro.models import layers as layers_module
 from saguaro.models import linear as linear_module
-from saguaro.models.linear import Linear
+from saguaro.models.linear import Linear, use_kernels
 from saguaro.models.attention import cached_attention, kernel_applies
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class CompiledStep:
         return self._runners[ids.shape[1], torch.get_num_threads()](*(a.contiguous() for a in args))
 
 
-KEEP_LIBRARIES = 8  # each holds a model's weights twice (0.5-1 GB for the embedded target)
+KEEP_LIBRARIES = 8  # a float32 one holds the weights twice (about 1 GB for the embedded target)
 
 
 def prune(cache_dir: Path, keep: int = KEEP_LIBRARIES) -> list[Path]:
@@ -183,15 +183,6 @@ def compile_step(model: nn.Module, cache_dir: Path, plan: list[tuple[int, int | 
         if not step.ensure(tokens, threads):
             return None if not step.paths else step
     return step
-
-
-def use_kernels(model: nn.Module, kernel_dir: Path) -> bool:
-    """Load saguaro's CPU kernels (models/cpu_kernels.py: attention for every dtype, eager and compiled)
-    and route the model's bfloat16 linears through its kernel for decode-sized calls. False where the
-    linears keep torch's kernels (float32, no AVX512_BF16, no compiler)."""
-    if not cpu_kernels.load(kernel_dir) or model.dtype != torch.bfloat16:
-        return False
-    return all([m.pack_for_kernel() for m in model.modules() if isinstance(m, Linear)])
 
 
 def kernel_linears(model: nn.Module) -> bool:

@@ -13,6 +13,8 @@ turns the path off.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,6 +98,15 @@ class Linear(nn.Linear):
         self._packed, self._packed_version = None, -1
         self.kernel_weight = None
         return super()._apply(fn, recurse)
+
+
+def use_kernels(model: nn.Module, kernel_dir: Path) -> bool:
+    """Load saguaro's CPU kernels (models/cpu_kernels.py: attention for every dtype, eager and compiled)
+    and route the model's bfloat16 linears through its kernel for decode-sized calls. False where the
+    linears keep torch's kernels (float32, no AVX512_BF16, no compiler)."""
+    if not cpu_kernels.load(kernel_dir) or model.dtype != torch.bfloat16:
+        return False
+    return all([m.pack_for_kernel() for m in model.modules() if isinstance(m, Linear)])
 
 
 def _tracing() -> bool:

@@ -23,7 +23,7 @@ import torch
 
 from saguaro.embedded import embedded_draft_path, embedded_target_path
 from saguaro.loader import cache_root, load_embeddings
-from saguaro.models.compiled import use_kernels
+from saguaro.models.linear import use_kernels
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import SamplingParams
 from saguaro.speculators.draft import load_draft_alone

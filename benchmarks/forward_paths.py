@@ -1,4 +1,5 @@
-"""Target forward time per path on this CPU: eager float32 / bfloat16 (prepacked oneDNN linears), and
+"""Target forward time per path on this CPU: eager float32 / bfloat16 (dense weights, or the GGUF file's
+own Q4_1/Q8_0 blocks, the default), and
 optionally the engine's compiled steps (models/compiled.py: AOTInductor, 1 and 5 tokens), side by side.
 
 A measurement for choosing the fast forward, not engine code. Embedded target, KV cache of --kv tokens,
@@ -18,7 +19,10 @@ import torch
 
 from saguaro.embedded import embedded_target_path
 from saguaro.loader import cache_root, load_model
+from saguaro.gguf_blocks import read_blocks
+from saguaro.models import cpu_kernels
 from saguaro.models.compiled import compile_step
+from saguaro.models.linear import use_file_blocks, use_kernels
 
 
 def timed(fn, repeats: int) -> float:
@@ -67,9 +71,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     with torch.inference_mode():
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype, weights in ((torch.float32, "dense"), (torch.bfloat16, "dense"), (torch.bfloat16, "file")):
             model = load_model(embedded_target_path(), dtype=dtype)
-            row = {"dtype": str(dtype).removeprefix("torch."), "threads": args.threads,
+            if weights == "file":  # the default: the GGUF's own Q4_1/Q8_0 blocks (models/csrc/block_linear.cpp)
+                use_file_blocks(model, read_blocks(embedded_target_path(), cpu_kernels.BLOCK_FORMATS),
+                                cache_root() / "kernels")
+            else:
+                use_kernels(model, cache_root() / "kernels")
+            row = {"dtype": str(dtype).removeprefix("torch."), "weights": weights, "threads": args.threads,
                    "eager_1_ms": eager_ms(model, args.kv, 1, args.repeats),
                    "eager_5_ms": eager_ms(model, args.kv, 5, args.repeats)}
             if args.compile:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 FILES = {  # file stem -> how our rows in it ran
     "peers_f32": "float32, compiled",
-    "peers_bf16": "bfloat16, compiled",
-    "peers_bf16_eager": "bfloat16, eager",
+    "peers_bf16": "bfloat16 x file's Q4_1/Q8_0 blocks, compiled (default)",
+    "peers_bf16_dense": "bfloat16 x dense weights, compiled",
+    "peers_bf16_eager": "bfloat16 x file's blocks, eager",
 }
 PEERS = {"llamacpp": "llama.cpp Q4_1", "llamacpp-f32": "llama.cpp F32", "hf": "transformers float32"}
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # saguaro AR against llama.cpp on the embedded GGUF (Q4_1) and its F32 copy, and transformers, at 1 and
-# 2 threads, one run each (needs `make peers`): float32 and bfloat16, compiled (the default) and eager
-# (--no-compile). Run from the repository root on an otherwise idle machine; the first run compiles
-# the steps (minutes, cached).
+# 2 threads, one run each (needs `make peers`): float32, bfloat16 over the file's own Q4_1/Q8_0 blocks (the
+# default) and over dense dequantized weights, compiled (the default) and eager (--no-compile). Run from the
+# repository root on an otherwise idle machine; the first run compiles the steps (minutes, cached).
 set -uo pipefail
 OUT=docs/results
 lscpu > "$OUT/lscpu_peers.txt"
@@ -11,6 +11,8 @@ for t in 1 2; do
     --max-tokens 64 --json "$OUT/peers_f32_${t}t.json" || echo "FAILED: peers float32 $t"
   .venv/bin/saguaro bench --threads "$t" --dtype bfloat16 --modes ar,llamacpp --num-prompts 2 --max-tokens 64 \
     --json "$OUT/peers_bf16_${t}t.json" || echo "FAILED: peers bf16 $t"
+  .venv/bin/saguaro bench --threads "$t" --dtype bfloat16 --weights dense --modes ar,llamacpp --num-prompts 2 \
+    --max-tokens 64 --json "$OUT/peers_bf16_dense_${t}t.json" || echo "FAILED: peers bf16 dense $t"
   .venv/bin/saguaro bench --threads "$t" --dtype bfloat16 --no-compile --modes ar,llamacpp --num-prompts 2 \
     --max-tokens 64 --json "$OUT/peers_bf16_eager_${t}t.json" || echo "FAILED: peers bf16 eager $t"
 done

@@ -34,3 +34,26 @@ def perturbed(model: CausalLM, seed: int, noise: float) -> CausalLM:
         for p in draft.parameters():
             p.add_(noise * torch.randn_like(p))
     return draft
+
+
+def with_file_blocks(model: CausalLM, kernel_dir, fmt: str = "q4_1", head_fmt: str = "q8_0") -> CausalLM:
+    """`model` in bfloat16 with every linear's weight quantized to a GGUF block format as llama.cpp
+    writes them (gguf.quants; the output head in `head_fmt`, like a tied Q8_0 embedding): the dense
+    weights become the blocks' values, and the linears multiply by the blocks themselves."""
+    from gguf import GGMLQuantizationType, quants
+
+    from saguaro.models.linear import Linear, use_file_blocks
+
+    model = model.float()
+    blocks = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, Linear):
+                kind = GGMLQuantizationType[(head_fmt if name == "lm_head" else fmt).upper()]
+                raw = quants.quantize(module.weight.numpy(), kind)
+                module.weight.copy_(torch.from_numpy(quants.dequantize(raw, kind)))
+                blocks[name] = (kind.name.lower(), torch.from_numpy(raw))
+    model = model.bfloat16()
+    taken = use_file_blocks(model, blocks, kernel_dir)
+    assert sorted(taken) == sorted(blocks), "the CPU kernels did not load"
+    return model

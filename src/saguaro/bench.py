@@ -227,6 +227,7 @@ def bench(llm, modes: list[str], datasets: list[str], num_prompts: int, max_toke
         "config": {"modes": modes, "datasets": datasets, "num_prompts": num_prompts, "max_tokens": max_tokens,
                    "temperature": temperature, "k": k, "batch_size": batch_size, "seed": seed,
                    "threads": torch.get_num_threads(), "dtype": str(llm.target.dtype).removeprefix("torch."),
+                   "weights": getattr(llm, "weights", "dense"),
                    "compiled": llm.target.compiled is not None, "cpu": _cpu_flags(),
                    "ssd": ssd.as_json() if "ssd" in modes else None},
         "results": results,

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "ar", "sd", "ssd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
+WEIGHTS = ("auto", "file", "dense")
 
 
 def resolve_dtype(dtype: str, device: str = "cpu") -> str:
@@ -92,6 +93,9 @@ class LLM:
     mode: "auto" (SSD for the embedded pair, or with a `draft`, when a second core or GPU is free;
     else AR), "ar", "sd" or "ssd".
     dtype: "auto" (default) runs bfloat16 where the CPU multiplies it natively, float32 elsewhere.
+    weights: for a .gguf target, "auto" (default) multiplies by the file's quantized blocks as stored
+    (Q4_1, Q8_0: what llama.cpp reads, 0.6-1.1 bytes per weight) where the model runs in bfloat16 and
+    saguaro's kernels load, "file" insists on that, "dense" dequantizes every weight to `dtype`.
     compile: run the target's decode and verification steps compiled for this CPU (built once per
     machine, then cached; default on, or $SAGUARO_COMPILE); False keeps the eager forward.
     draft: a checkpoint path, "ngram" for the model-free prompt-lookup speculator, or None for the
@@ -105,9 +109,11 @@ class LLM:
     def __init__(self, model: str | Path | None = None, mode: str = "auto", draft: str | Path | None = None,
                  k: int = 4, dtype: str = "auto", device: str = "cpu", threads: int | None = None,
                  max_batch_size: int = 64, ssd: SSDOptions | None = None, compile: bool | None = None,
-                 **ssd_changes):
+                 weights: str = "auto", **ssd_changes):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
         dtype = resolve_dtype(dtype, device)
         ssd = SSDOptions.of(ssd, **ssd_changes)  # bad options fail here, before any loading
         if threads:
@@ -127,6 +133,7 @@ class LLM:
         self.target_path = target_path
         self.target = load_model(target_path, dtype=DTYPES[dtype], device=device)
         self.dtype = dtype
+        self.weights = self._use_file_weights(target_path, weights)
         if compile_wanted(compile):
             self.target.compiled = compile_step(self.target, cache_root() / "compiled", [(1, None)])
             if self.target.compiled is not None:  # it serves decoding: prefills need no oneDNN packed copy
@@ -135,6 +142,32 @@ class LLM:
                         module.drop_packed()
         self.tokenizer = Tokenizer.load(resolve_checkpoint(target_path), self.target.config.eos_token_ids)
         self.engine = self.make_engine(mode, draft, k, max_batch_size, ssd)
+
+    def _use_file_weights(self, target_path: Path, weights: str) -> str:
+        """What the target's linears multiply by: "dense", or the file's block formats (e.g. "q4_1+q8_0")."""
+        from saguaro.gguf_blocks import read_blocks
+        from saguaro.models import cpu_kernels
+        from saguaro.models.linear import use_file_blocks
+
+        if weights == "dense":
+            return "dense"
+        why_not = None
+        if target_path.suffix.lower() != ".gguf":
+            why_not = f"{target_path} is not a .gguf file"
+        elif self.target.dtype != torch.bfloat16:
+            why_not = f"the model runs in {self.dtype} (the block kernels take bfloat16 activations)"
+        elif not cpu_kernels.load(cache_root() / "kernels"):
+            why_not = "saguaro's CPU kernels need AVX512_BF16 and a C++ compiler"
+        taken = [] if why_not else use_file_blocks(self.target, read_blocks(target_path, cpu_kernels.BLOCK_FORMATS),
+                                                     cache_root() / "kernels")
+        if not taken:
+            why_not = why_not or "the file stores none of its linears in Q4_1 or Q8_0"
+            if weights == "file":
+                raise ValueError(f"weights='file' is not possible here: {why_not}")
+            log.info("dense weights: %s", why_not)
+            return "dense"
+        formats = sorted({m.block_format for m in self.target.modules() if getattr(m, "block_format", None)})
+        return "+".join(formats)
 
     def make_engine(self, mode: str, draft=None, k: int = 4, max_batch_size: int = 64, ssd: SSDOptions | None = None,
                     **ssd_changes) -> Engine:
@@ -212,7 +245,7 @@ class LLM:
                                             None if seq.logprobs is None else list(seq.logprobs)))
         degraded = getattr(self.engine, "degraded", None)  # an SSD engine that lost its worker
         mode = f"{self.mode}-degraded" if degraded else self.mode
-        metrics = {"mode": mode, "dtype": self.dtype, "compiled": self.target.compiled is not None,
+        metrics = {"mode": mode, "dtype": self.dtype, "weights": self.weights, "compiled": self.target.compiled is not None,
                    **group[0].metrics()}  # under auto, the sequence says which mode ran
         if degraded:
             metrics["degraded"] = degraded

@@ -196,7 +196,7 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def _unpermute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
+def unpermute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp stores Llama q/k rows interleaved for its RoPE kernel; restore HF's half-split order."""
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
@@ -238,7 +238,7 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
         elif parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
             name = f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
             if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
-                w = _unpermute_rope(w, heads if parts[2] == "attn_q" else kv_heads)
+                w = unpermute_rope(w, heads if parts[2] == "attn_q" else kv_heads)
         else:
             log.warning("GGUF tensor %s ignored", t.name)
             continue

@@ -152,8 +152,8 @@ def prune(cache_dir: Path, keep: int = KEEP_LIBRARIES) -> list[Path]:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """Everything a library depends on but its thread count: the weights' bytes, dtype, the code it
-    was traced from, torch and the CPU."""
+    """Everything a library depends on but its thread count: the weights' bytes (and the file blocks
+    linears multiply by), dtype, the code it was traced from, torch and the CPU."""
     digest = hashlib.blake2b(digest_size=16)
     for module in (attention_module, layers_module, linear_module, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
@@ -162,7 +162,8 @@ def fingerprint(model: nn.Module) -> str:
     meta = {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
             "config": repr(model.config)}
     digest.update(json.dumps(meta, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    blocks = {name: m.block_weight for name, m in model.named_modules() if getattr(m, "block_weight", None) is not None}
+    for name, tensor in sorted([*model.state_dict().items(), *((f"{n}.block_weight", b) for n, b in blocks.items())]):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b"")
@@ -187,7 +188,7 @@ def compile_step(model: nn.Module, cache_dir: Path, plan: list[tuple[int, int | 
 
 def kernel_linears(model: nn.Module) -> bool:
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    return bool(linears) and all(m.kernel_weight is not None for m in linears)
+    return bool(linears) and all(m.kernel_weight is not None or m.block_weight is not None for m in linears)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ as torch ops.
 - `saguaro_cpu::packed_linear`: the bfloat16 linear for decode-sized calls: one sequential pass over a
   packed weight for up to 6 rows, each output summed in an order that does not depend on the row count
   (csrc/dot_linear.cpp says why torch's kernels could not serve).
+- `saguaro_cpu::q4_1_linear`, `q8_0_linear`: the same for weights kept in a GGUF file's own block
+  formats, read at 0.6-1.1 bytes per weight, the activations never quantized (csrc/block_linear.cpp).
 - `saguaro_cpu::cached_attention`: the cache write and the attention of a few queries, float32 or
   bfloat16, each query's output independent of the queries and masked keys around it
   (csrc/attention.cpp).
@@ -29,8 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("dot_linear.cpp", "attention.cpp", "shims.cpp")]
-FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16"]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("dot_linear.cpp", "block_linear.cpp", "attention.cpp", "shims.cpp")]
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
 
 def supported() -> bool:
@@ -55,6 +57,8 @@ def load(cache_dir: Path) -> bool:
     torch.library.register_fake("saguaro_cpu::pack_weight")(_packed_shape)
     torch.library.register_fake("saguaro_cpu::packed_linear")(_linear_shape)
     torch.library.register_fake("saguaro_cpu::cached_attention")(_attention_shape)
+    for fmt in BLOCK_FORMATS:
+        torch.library.register_fake(f"saguaro_cpu::{fmt}_linear")(_linear_shape)
     return True
 
 
@@ -71,6 +75,19 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> t
     return torch.ops.saguaro_cpu.packed_linear(x, packed, out_features)
 
 
+# GGUF block formats the kernels read as they are (by gguf's GGMLQuantizationType name).
+BLOCK_FORMATS = ("q4_1", "q8_0")
+
+
+def pack_blocks(fmt: str, raw: torch.Tensor) -> torch.Tensor:
+    """A GGUF tensor's blocks, uint8 [N, K / 32 * block bytes] as in the file, -> the kernel's layout."""
+    return getattr(torch.ops.saguaro_cpu, f"pack_{fmt}")(raw.contiguous())
+
+
+def block_linear(fmt: str, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    return getattr(torch.ops.saguaro_cpu, f"{fmt}_linear")(x, packed, out_features)
+
+
 def aoti_shims() -> dict:
     """`aot_inductor.custom_ops_to_c_shims` for our ops (csrc/shims.cpp): a compiled step calls them
     directly instead of through AOTInductor's proxy executor."""
@@ -80,6 +97,9 @@ def aoti_shims() -> dict:
     return {
         torch.ops.saguaro_cpu.packed_linear.default: [
             f"AOTITorchError aoti_torch_cpu_packed_linear({handle} x, {handle} packed, int64_t n, {handle}* out)"],
+        **{getattr(torch.ops.saguaro_cpu, f"{fmt}_linear").default: [
+            f"AOTITorchError aoti_torch_cpu_{fmt}_linear({handle} x, {handle} packed, int64_t n, {handle}* out)"]
+           for fmt in BLOCK_FORMATS},
         torch.ops.saguaro_cpu.cached_attention.default: [
             f"AOTITorchError aoti_torch_cpu_cached_attention({handle} q, {handle} k, {handle} v, {handle} k_cache, "
             f"{handle} v_cache, int64_t layer, {handle} slots, {handle} mask, {handle}* out)"],

@@ -46,14 +46,28 @@ class Linear(nn.Linear):
     _kernel_version: int = -1
     prepack: bool = True  # False: no oneDNN packed copy
     kernel_weight: torch.Tensor | None  # the weight in saguaro_cpu's layout (`pack_for_kernel`)
+    block_weight: torch.Tensor | None  # the weight as a GGUF file's blocks, packed (`use_blocks`)
+    block_format: str | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("kernel_weight", None, persistent=False)
+        self.register_buffer("block_weight", None, persistent=False)
+
+    def use_blocks(self, fmt: str, raw: torch.Tensor) -> None:
+        """Multiply bfloat16 inputs by the weight exactly as a GGUF file stores it (`fmt`, one of
+        cpu_kernels.BLOCK_FORMATS; `raw` its blocks, uint8 [out, in / 32 * block bytes]), read at the
+        file's bytes per weight. The dense `weight` (the file's values, dequantized) still serves float32
+        inputs and training."""
+        self.block_weight = cpu_kernels.pack_blocks(fmt, raw)
+        self.block_format = fmt
+        self.kernel_weight = None  # bf16 calls all go to the blocks
 
     def pack_for_kernel(self) -> bool:
         """Give the layer the weight in saguaro_cpu's layout (a copy) for decode-sized calls; False where
         the kernel does not apply (not bfloat16 on a CPU, kernels not loaded)."""
+        if self.block_weight is not None:
+            return True  # the file's blocks serve every bfloat16 call
         if not (cpu_kernels.loaded() and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"):
             return False
         packed = cpu_kernels.pack_weight(self.weight)
@@ -65,6 +79,9 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block_weight is not None and x.dtype == torch.bfloat16 and not self._training(x):
+            out = cpu_kernels.block_linear(self.block_format, x, self.block_weight, self.out_features)
+            return out if self.bias is None else out + self.bias
         if self.kernel_weight is not None and self._use_kernel(x):
             if not _tracing() and self._kernel_version != _version(self.weight):  # trained in place since
                 self.pack_for_kernel()
@@ -80,9 +97,11 @@ class Linear(nn.Linear):
             return _one_row(x, self._packed, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
+    def _training(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
+
     def _use_kernel(self, x: torch.Tensor) -> bool:
-        return (x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and self.weight.requires_grad)
-                and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1])
+        return x.dtype == torch.bfloat16 and not self._training(x) and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]
 
     def _use_packed(self, x: torch.Tensor) -> bool:
         return (self.prepack and not _tracing() and x.device.type == "cpu" and x.dtype in _PACKED_DTYPES and self.weight.dtype == x.dtype
@@ -97,7 +116,24 @@ class Linear(nn.Linear):
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: any packed copy is stale
         self._packed, self._packed_version = None, -1
         self.kernel_weight = None
+        self.block_weight, self.block_format = None, None
         return super()._apply(fn, recurse)
+
+
+def use_file_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], kernel_dir: Path) -> list[str]:
+    """Give the model's linears their weights as a GGUF file stores them (`blocks`: module name ->
+    (format, raw blocks), as `saguaro.gguf_blocks.read_blocks` returns), for bfloat16 models on CPUs
+    where saguaro's kernels load. Returns the names of the linears that took them."""
+    if model.dtype != torch.bfloat16 or model.device.type != "cpu" or not cpu_kernels.load(kernel_dir):
+        return []
+    taken = []
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and name in blocks and blocks[name][0] in cpu_kernels.BLOCK_FORMATS:
+            fmt, raw = blocks[name]
+            if raw.shape[0] == module.out_features and module.in_features % 32 == 0 and raw.shape[1] % (module.in_features // 32) == 0:
+                module.use_blocks(fmt, raw)
+                taken.append(name)
+    return taken
 
 
 def use_kernels(model: nn.Module, kernel_dir: Path) -> bool:

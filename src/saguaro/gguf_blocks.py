@@ -1,0 +1,66 @@
+"""A GGUF file's quantized weights as they are stored (no dequantizing), named after our modules, for
+the kernels that multiply by them directly (models/linear.py `use_file_blocks`).
+
+The file's own format is what llama.cpp runs: read at 0.6 bytes per weight for Q4_1 instead of 2 for
+bfloat16. The loader's dequantized copy (loader.py) stays the model's dense weights, used where the
+blocks are not (float32 inputs, training, CPUs without the kernels).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from saguaro.loader import unpermute_rope
+
+log = logging.getLogger(__name__)
+
+# GGUF tensor name part -> (our module, index of this tensor among the ones fused into that module).
+_FUSED = {"attn_q": ("attn.qkv", 0), "attn_k": ("attn.qkv", 1), "attn_v": ("attn.qkv", 2),
+          "attn_output": ("attn.o", 0), "ffn_gate": ("mlp.gate_up", 0), "ffn_up": ("mlp.gate_up", 1),
+          "ffn_down": ("mlp.down", 0)}
+_PARTS = {"attn.qkv": 3, "attn.o": 1, "mlp.gate_up": 2, "mlp.down": 1}
+
+
+def read_blocks(gguf_path: Path, formats: tuple[str, ...]) -> dict[str, tuple[str, torch.Tensor]]:
+    """Module name -> (format, raw blocks uint8 [out, in / 32 * block bytes]) for every linear of the
+    file whose parts are all stored in one of `formats` (gguf's type names in lower case, e.g. "q4_1").
+    A tied output head takes the token embedding's blocks."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    arch = reader.fields["general.architecture"].contents()
+    heads = reader.fields[f"{arch}.attention.head_count"].contents()
+    kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
+    kv_heads = kv_field.contents() if kv_field is not None else heads
+    parts: dict[str, list] = {}
+    head = embedding = None
+    for t in reader.tensors:
+        fmt = t.tensor_type.name.lower()
+        if len(t.data.shape) != 2:
+            continue
+        raw = (fmt, torch.from_numpy(t.data.copy()) if fmt in formats else None)
+        name = t.name.split(".")
+        if t.name == "output.weight":
+            head = raw
+        elif t.name == "token_embd.weight":
+            embedding = raw
+        elif name[0] == "blk" and name[2] in _FUSED:
+            module, index = _FUSED[name[2]]
+            if arch == "llama" and name[2] in ("attn_q", "attn_k") and raw[1] is not None:
+                # rows, like the loader's dense copy: one block row per output, so the same permutation
+                raw = (fmt, unpermute_rope(raw[1], heads if name[2] == "attn_q" else kv_heads).contiguous())
+            parts.setdefault(f"layers.{name[1]}.{module}", [None] * _PARTS[module])[index] = raw
+    blocks = {}
+    for module, pieces in parts.items():
+        if all(p is not None and p[1] is not None for p in pieces) and len({p[0] for p in pieces}) == 1:
+            blocks[module] = (pieces[0][0], torch.cat([p[1] for p in pieces]))
+    output = head if head is not None else embedding
+    if output is not None and output[1] is not None:
+        blocks["lm_head"] = output
+    kept = len(blocks)
+    log.info("%s: %d linears keep the file's blocks (%s)", gguf_path.name, kept,
+             ", ".join(sorted({f for f, _ in blocks.values()})) or "none")
+    return blocks

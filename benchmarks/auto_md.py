@@ -87,12 +87,14 @@ def forward_section(results: Path) -> list[str]:
     lines = ["## The forward, per path", "",
              "`python benchmarks/forward_paths.py --threads N [--compile]`: embedded target, KV of 300 tokens, "
              "median ms per call.", "",
-             "| dtype | threads | eager 1 token | eager 5 tokens | compiled 1 token | compiled 5 tokens | "
-             "5 / 1 compiled |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| dtype | weights | threads | eager 1 token | eager 5 tokens | compiled 1 token | compiled 5 tokens | "
+             "5 / 1 compiled |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         one, five = r.get("compiled_1_ms"), r.get("compiled_5_ms")
         cells = f"{one:.1f} | {five:.1f} | {five / one:.2f}" if one and five else "- | - | -"
-        lines.append(f"| {r['dtype']} | {r['threads']} | {r['eager_1_ms']:.1f} | {r['eager_5_ms']:.1f} | {cells} |")
+        weights = {"file": "GGUF blocks (Q4_1/Q8_0)"}.get(r.get("weights"), "dense")
+        lines.append(f"| {r['dtype']} | {weights} | {r['threads']} | {r['eager_1_ms']:.1f} | {r['eager_5_ms']:.1f} | "
+                     f"{cells} |")
     return lines + [""]
 
 

@@ -71,7 +71,24 @@ def peers_section(results: Path) -> list[str]:
         for r in json.loads(bw.read_text())["rows"]:
             lines.append(f"| {r['threads']} | {r['gb_per_s']:.1f} | {r['precision']} | {r['weight_mb']:.0f} | "
                          f"{r['floor_ms_per_token']:.1f} | {1000 / r['floor_ms_per_token']:.0f} |")
-    lines += ["", "![decode tokens/s per engine](results/peers.png)"]
+    lines += ["", "![decode tokens/s per engine](results/peers.png)"] + block_linear_lines(results)
+    return lines
+
+
+def block_linear_lines(results: Path) -> list[str]:
+    """Every linear of the target over the GGUF's own blocks against dense bfloat16, per row count."""
+    runs = [json.loads(p.read_text()) for p in sorted(results.glob("block_linear_*t.json"))]
+    if not runs:
+        return []
+    lines = ["", "All the target's linears and its head, one call each (`python benchmarks/block_linear.py "
+             "--threads N`): over the file's own Q4_1/Q8_0 blocks (`csrc/block_linear.cpp`, "
+             f"{runs[0]['block_mb']:.0f} MB read) against dense bfloat16 ({runs[0]['bf16_mb']:.0f} MB; our packed "
+             "kernel up to 16 rows, oneDNN above).", "",
+             "| threads | rows | file blocks ms | dense bf16 ms | dense / blocks |", "| --- | --- | --- | --- | --- |"]
+    for run in runs:
+        for r in run["rows"]:
+            lines.append(f"| {run['threads']} | {r['rows']} | {r['file_blocks_ms']:.2f} | {r['bf16_ms']:.2f} | "
+                         f"{r['bf16_ms'] / r['file_blocks_ms']:.2f} |")
     return lines
 
 

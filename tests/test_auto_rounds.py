@@ -178,3 +178,17 @@ def test_measured_rule_re_measures_a_much_slower_mode_less_often():
         return modes[2:].count("ssd")
 
     assert explorations(0.040) < explorations(0.022)  # SSD at 0.5x AR is re-timed less than at 0.9x
+
+
+def test_measured_rule_waits_longer_each_time_the_slower_mode_stays_slower():
+    rule = MeasuredRounds(warmup=1, explore_every=8, explore_rounds=1, max_backoff=8)
+    starts = []
+    for i in range(800):
+        choice = rule(1, 0)
+        if "re-measuring" in choice.reason:
+            starts.append(i)
+        rule.observe(choice, 1, 0, 0.030 if choice.mode == "ssd" else 0.020, 1)  # SSD stays at 0.67x
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) >= 4
+    assert gaps[1] > 1.5 * gaps[0] and gaps[2] > 1.5 * gaps[1]  # doubling
+    assert gaps[-1] == gaps[-2]  # capped at max_backoff

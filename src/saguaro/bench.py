@@ -15,6 +15,7 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
@@ -26,13 +27,14 @@ from saguaro.ssd.options import SSDOptions
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "sd", "sd-ngram", "ssd", "hf", "hf-assisted", "llamacpp", "llamacpp-f32")
+MODES = ("ar", "sd", "sd-ngram", "ssd", "auto", "hf", "hf-assisted", "llamacpp", "llamacpp-f32")
 HF_MODES = ("hf", "hf-assisted")
 LLAMACPP_MODES = ("llamacpp", "llamacpp-f32")
 
 
 def parse_mode(spec: str) -> tuple[str, str | None]:
-    """A bench mode -> (engine mode, draft): 'sd-ngram' is SD with the n-gram speculator."""
+    """A bench mode -> (engine mode, draft): 'sd-ngram' is SD with the n-gram speculator; 'auto' is the
+    default's SSD-or-AR per round (engine/auto.py)."""
     if spec not in MODES:
         raise ValueError(f"unknown bench mode {spec!r}; choose from {', '.join(MODES)}")
     if spec == "sd-ngram":
@@ -113,7 +115,10 @@ def make_runners(llm, modes: list[str], k: int, draft, ssd: SSDOptions | None = 
                 mode, llm.target_path, llm.tokenizer.stop_token_ids, threads=torch.get_num_threads(),
                 n_ctx=llm.target.config.max_position))
         else:
-            engine = llm.make_engine(mode, spec_draft or draft, k, ssd=ssd if mode == "ssd" else None)
+            if mode == "auto":
+                engine = llm.make_engine("ssd", draft, k, ssd=replace(ssd or SSDOptions(), auto=True))
+            else:
+                engine = llm.make_engine(mode, spec_draft or draft, k, ssd=ssd if mode == "ssd" else None)
             runners[spec] = EngineRunner(engine)
     return runners
 

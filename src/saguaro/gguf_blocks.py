@@ -9,11 +9,14 @@ blocks are not (float32 inputs, training, CPUs without the kernels).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from saguaro.loader import unpermute_rope
+from saguaro.loader import converted_gguf_dir, unpermute_rope
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,29 @@ _PARTS = {"attn.qkv": 3, "attn.o": 1, "mlp.gate_up": 2, "mlp.down": 1}
 def read_blocks(gguf_path: Path, formats: tuple[str, ...]) -> dict[str, tuple[str, torch.Tensor]]:
     """Module name -> (format, raw blocks uint8 [out, in / 32 * block bytes]) for every linear of the
     file whose parts are all stored in one of `formats` (gguf's type names in lower case, e.g. "q4_1").
-    A tied output head takes the token embedding's blocks."""
+    A tied output head takes the token embedding's blocks.
+
+    Parsing a GGUF's metadata takes seconds (gguf-py reads a 49k-token vocabulary field by field), so
+    the first read keeps the blocks under the file's converted directory (loader.converted_gguf_dir);
+    later reads load them from there in a fraction of a second."""
+    cached = converted_gguf_dir(gguf_path) / "file_blocks" / "blocks.safetensors"  # not among the dense shards
+    if cached.is_file():
+        with safe_open(str(cached), framework="pt") as f:
+            kinds = f.metadata() or {}
+            blocks = {name: (kinds[name], f.get_tensor(name)) for name in f.keys() if kinds.get(name) in formats}
+    else:
+        blocks = _parse_blocks(gguf_path, formats)
+        cached.parent.mkdir(exist_ok=True)
+        partial = cached.with_name(f"blocks.{os.getpid()}.tmp")
+        save_file({name: raw for name, (_, raw) in blocks.items()}, str(partial),
+                  metadata={name: fmt for name, (fmt, _) in blocks.items()})
+        partial.replace(cached)  # atomic: a crash never leaves a half-written file under the final name
+    log.info("%s: %d linears keep the file's blocks (%s)", gguf_path.name, len(blocks),
+             ", ".join(sorted({f for f, _ in blocks.values()})) or "none")
+    return blocks
+
+
+def _parse_blocks(gguf_path: Path, formats: tuple[str, ...]) -> dict[str, tuple[str, torch.Tensor]]:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_path))
@@ -60,7 +85,4 @@ def read_blocks(gguf_path: Path, formats: tuple[str, ...]) -> dict[str, tuple[st
     output = head if head is not None else embedding
     if output is not None and output[1] is not None:
         blocks["lm_head"] = output
-    kept = len(blocks)
-    log.info("%s: %d linears keep the file's blocks (%s)", gguf_path.name, kept,
-             ", ".join(sorted({f for f, _ in blocks.values()})) or "none")
     return blocks

@@ -84,7 +84,9 @@ class MeasuredRounds:
     """At one row: the faster mode per band as measured; `warmup` rounds of each first (SSD first),
     then `explore_rounds` of the slower every `explore_every` rounds, stretched by the square of how
     much slower it measured (re-measuring a mode at 0.6x costs more than one at 0.95x, and is less
-    likely to have turned). Batches run AR.
+    likely to have turned) and doubled after each re-measurement that changed nothing, up to
+    `max_backoff` times (a long-running server then pays ever less for a mode that keeps losing; a
+    change of the faster mode starts the doubling over). Batches run AR.
 
     The first round after a switch is run but not timed: it pays for the switch (threads re-pinned,
     OpenMP's team resized, the draft worker still finishing a tree on the core AR now wants, the
@@ -93,9 +95,12 @@ class MeasuredRounds:
     warmup: int = 2
     explore_every: int = 64
     explore_rounds: int = 3  # the first settles, the other two are timed
+    max_backoff: int = 16  # each re-measurement that leaves the faster mode unchanged doubles the wait, to this
     clocks: dict[tuple[str, str], ModeClock] = field(default_factory=dict)
     _since_explore: dict[str, int] = field(default_factory=dict)
     _last_mode: dict[str, str] = field(default_factory=dict)
+    _best: dict[str, str] = field(default_factory=dict)
+    _explorations: dict[str, int] = field(default_factory=dict)  # since the faster mode last changed
 
     def __call__(self, batch: int, sampled_rows: int) -> RoundChoice:
         if batch > 1:
@@ -107,12 +112,16 @@ class MeasuredRounds:
                 return RoundChoice(mode, f"{band}: measuring {mode} ({clock.rounds + 1}/{self.warmup})")
         best, other = ("ssd", "ar") if ssd.per_token_s <= ar.per_token_s else ("ar", "ssd")
         speeds = f"ssd {ssd.tokens_per_s:.1f} vs ar {ar.tokens_per_s:.1f} tok/s"
+        if self._best.get(band) != best:
+            self._best[band], self._explorations[band] = best, 0
         since = self._since_explore.get(band, 0)
         slower = max(ssd.per_token_s, ar.per_token_s) / min(ssd.per_token_s, ar.per_token_s)
-        every = round(self.explore_every * slower ** 2)
+        backoff = min(2 ** self._explorations.get(band, 0), self.max_backoff)
+        every = round(self.explore_every * slower ** 2 * backoff)
         if since >= every:
             if since >= every + self.explore_rounds - 1:
                 self._since_explore[band] = -1
+                self._explorations[band] = self._explorations.get(band, 0) + 1
             else:
                 self._since_explore[band] = since + 1
             return RoundChoice(other, f"{band}: re-measuring {other} ({speeds})")

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -46,45 +47,69 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), e);
 }
 
-// One query row (already in float) against keys [0, S) where allowed[s]; writes out[NV * 16] in T.
-// Scores are fixed 16-lane dot products; the softmax total sums key s in lane s % 16; values are
-// accumulated key by key in index order. Masked keys are never read.
-template <typename T, int NV>
-void attend_one(const float* q, const T* keys, const T* values, const bool* allowed, int64_t S, float scale,
-                float* scores, T* out) {
+// R query rows (already in float, D = NV * 16 each) that share one key/value head, against keys
+// [0, S); row r may see key s where allowed[r][s]. Each key and value row is read (and widened) once
+// for all R rows. Per (row, key) the score is one fixed 16-lane dot product and the softmax total
+// sums key s in lane s % 16; values are accumulated key by key in index order. None of that depends
+// on the other rows, so a row's output is the same whatever rows share the call. Keys no row may see
+// are never read.
+template <typename T, int NV, int R>
+void attend_rows(const float* const* q, const T* keys, const T* values, const bool* const* allowed, int64_t S,
+                 float scale, float* const* scores, T* const* out) {
   constexpr int64_t D = NV * 16;
-  __m512 qv[NV];
-  for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
-  float top = -INFINITY;
+  float top[R];
+  for (int r = 0; r < R; ++r) top[r] = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
-    if (!allowed[s]) {
-      scores[s] = -INFINITY;
+    bool any = false;
+    for (int r = 0; r < R; ++r) any |= allowed[r][s];
+    if (!any) {
+      for (int r = 0; r < R; ++r) scores[r][s] = -INFINITY;
       continue;
     }
-    __m512 dot = _mm512_mul_ps(qv[0], load16(keys + s * D));
-    for (int i = 1; i < NV; ++i) dot = _mm512_fmadd_ps(qv[i], load16(keys + s * D + 16 * i), dot);
-    scores[s] = _mm512_reduce_add_ps(dot) * scale;
-    top = std::max(top, scores[s]);
+    __m512 kv[NV];
+    for (int i = 0; i < NV; ++i) kv[i] = load16(keys + s * D + 16 * i);
+    for (int r = 0; r < R; ++r) {
+      if (!allowed[r][s]) {
+        scores[r][s] = -INFINITY;
+        continue;
+      }
+      __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(q[r]), kv[0]);
+      for (int i = 1; i < NV; ++i) dot = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + 16 * i), kv[i], dot);
+      scores[r][s] = _mm512_reduce_add_ps(dot) * scale;
+      top[r] = std::max(top[r], scores[r][s]);
+    }
   }
-  const __m512 shift = _mm512_set1_ps(top);
-  __m512 lanes = _mm512_setzero_ps();
-  for (int64_t s = 0; s < S; s += 16) {
-    const __mmask16 live = S - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - s)) - 1);
-    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, scores + s);
-    const __m512 p = exp_nonpositive(_mm512_sub_ps(x, shift));
-    _mm512_mask_storeu_ps(scores + s, live, p);
-    lanes = _mm512_add_ps(lanes, p);
+  float inv[R];
+  for (int r = 0; r < R; ++r) {
+    const __m512 shift = _mm512_set1_ps(top[r]);
+    __m512 lanes = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 live = S - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - s)) - 1);
+      const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, scores[r] + s);
+      const __m512 p = exp_nonpositive(_mm512_sub_ps(x, shift));
+      _mm512_mask_storeu_ps(scores[r] + s, live, p);
+      lanes = _mm512_add_ps(lanes, p);
+    }
+    const float total = _mm512_reduce_add_ps(lanes);
+    inv[r] = total > 0.0f ? 1.0f / total : 0.0f;
   }
-  const float total = _mm512_reduce_add_ps(lanes);
-  __m512 acc[NV];
-  for (int i = 0; i < NV; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int64_t s = 0; s < S; ++s) {
-    if (!allowed[s]) continue;
-    const __m512 p = _mm512_set1_ps(scores[s]);
-    for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(p, load16(values + s * D + 16 * i), acc[i]);
+    bool any = false;
+    for (int r = 0; r < R; ++r) any |= allowed[r][s];
+    if (!any) continue;
+    __m512 vv[NV];
+    for (int i = 0; i < NV; ++i) vv[i] = load16(values + s * D + 16 * i);
+    for (int r = 0; r < R; ++r) {
+      if (!allowed[r][s]) continue;
+      const __m512 p = _mm512_set1_ps(scores[r][s]);
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(p, vv[i], acc[r][i]);
+    }
   }
-  const __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
-  for (int i = 0; i < NV; ++i) store16(out + 16 * i, _mm512_mul_ps(acc[i], inv));
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NV; ++i) store16(out[r] + 16 * i, _mm512_mul_ps(acc[r][i], _mm512_set1_ps(inv[r])));
 }
 
 // cache [B, Hk, C, D] at row b, slot slots[b, t] <- x [B, Hk, T, D] at t (a copy per head: no dispatch)
@@ -106,27 +131,59 @@ void write_slots(const at::Tensor& x, at::Tensor& cache, const at::Tensor& slots
     }
 }
 
-template <typename T>
-void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& mask, at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
+// Rows per call of attend_rows: their accumulators fill the registers (R * NV <= 24).
+template <typename T, int NV>
+using AttendRows = void (*)(const float* const*, const T*, const T*, const bool* const*, int64_t, float,
+                            float* const*, T* const*);
+
+template <typename T, int NV>
+constexpr AttendRows<T, NV> kAttendRows[6] = {attend_rows<T, NV, 1>, attend_rows<T, NV, 2>,
+                                              attend_rows<T, NV, std::min(3, 24 / NV)>,
+                                              attend_rows<T, NV, std::min(4, 24 / NV)>,
+                                              attend_rows<T, NV, std::min(5, 24 / NV)>,
+                                              attend_rows<T, NV, std::min(6, 24 / NV)>};
+
+template <typename T, int NV>
+void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& mask,
+               at::Tensor& out) {
+  constexpr int64_t D = NV * 16, kChunk = 24 / NV;  // query rows per call
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2);
   const int64_t Hk = kc.size(1), C = kc.size(2), S = mask.size(-1), group = H / Hk;
+  const int64_t rows = group * Tq, chunks = (rows + kChunk - 1) / kChunk;  // rows of one kv head: (head, t)
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const T* qp = q.const_data_ptr<T>();
   const T* kp = kc.const_data_ptr<T>();
   const T* vp = vc.const_data_ptr<T>();
   const bool* mp = mask.const_data_ptr<bool>();
   T* op = out.mutable_data_ptr<T>();
-  auto one = D == 64 ? attend_one<T, 4> : attend_one<T, 8>;
-  at::parallel_for(0, B * H * Tq, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(S), qf(D);
+  at::parallel_for(0, B * Hk * chunks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(kChunk * D), scores(kChunk * S);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * Tq), h = (i / Tq) % H, t = i % Tq;
-      const T* qrow = qp + i * D;
-      for (int64_t d = 0; d < D; d += 16) store16(qf.data() + d, load16(qrow + d));
-      const int64_t kv = (b * Hk + h / group) * C * D;
-      one(qf.data(), kp + kv, vp + kv, mp + (b * Tq + t) * S, S, scale, scores.data(), op + i * D);
+      const int64_t b = i / (Hk * chunks), hk = (i / chunks) % Hk, c = i % chunks;
+      const int64_t r0 = c * kChunk, count = std::min(kChunk, rows - r0);
+      const float* qrows[kChunk];
+      const bool* allowed[kChunk];
+      float* score_rows[kChunk];
+      T* out_rows[kChunk];
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t h = hk * group + (r0 + r) / Tq, t = (r0 + r) % Tq;
+        const int64_t row = (b * H + h) * Tq + t;
+        for (int64_t d = 0; d < D; d += 16) store16(qf.data() + r * D + d, load16(qp + row * D + d));
+        qrows[r] = qf.data() + r * D;
+        allowed[r] = mp + (b * Tq + t) * S;
+        score_rows[r] = scores.data() + r * S;
+        out_rows[r] = op + row * D;
+      }
+      const int64_t kv = (b * Hk + hk) * C * D;
+      kAttendRows<T, NV>[count - 1](qrows, kp + kv, vp + kv, allowed, S, scale, score_rows, out_rows);
     }
   });
+}
+
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& mask, at::Tensor& out) {
+  if (q.size(3) == 64) run_heads<T, 4>(q, kc, vc, mask, out);
+  else run_heads<T, 8>(q, kc, vc, mask, out);
 }
 
 // Store k, v [B, Hk, T, D] at `slots` [B, T] of layer `layer` of the caches [L, B, Hk, C, D], then attend

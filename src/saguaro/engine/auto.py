@@ -92,9 +92,9 @@ class MeasuredRounds:
     OpenMP's team resized, the draft worker still finishing a tree on the core AR now wants, the
     drafter resynced), which would make whichever mode is explored look slower than it runs."""
 
-    warmup: int = 2
+    warmup: int = 1  # timed rounds of each mode before choosing (after the round that settles it)
     explore_every: int = 64
-    explore_rounds: int = 3  # the first settles, the other two are timed
+    explore_rounds: int = 2  # the first settles, the second is timed
     max_backoff: int = 16  # each re-measurement that leaves the faster mode unchanged doubles the wait, to this
     clocks: dict[tuple[str, str], ModeClock] = field(default_factory=dict)
     _since_explore: dict[str, int] = field(default_factory=dict)

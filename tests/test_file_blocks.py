@@ -171,3 +171,23 @@ def test_embedded_greedy_sd_equals_ar_on_file_blocks(embedded, kernel_dir):
     want, _ = run(AREngine(target, tokenizer.stop_token_ids), ps, params)
     got, seqs = run(SDEngine(target, NgramSpeculator(), 4, tokenizer.stop_token_ids), ps, params)
     assert got == want
+
+
+def test_packed_blocks_on_huge_pages_keep_their_values(kernel_dir):
+    """use_file_blocks moves every layer's packed blocks into one allocation advised onto 2 MB pages:
+    same bytes, separate tensors, and the linears give the same bits."""
+    tensors = [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in (100, 5000, 64)]
+    moved = cpu_kernels.on_huge_pages(tensors)
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(tensors, moved))
+    assert moved[0].data_ptr() % 64 == 0 and moved[1].data_ptr() - moved[0].data_ptr() == 128
+    from saguaro.models.linear import use_file_blocks
+
+    target = tiny_model(0, VOCAB).bfloat16()
+    layer = target.layers[0].mlp.down
+    raw = torch.from_numpy(_blocks("q4_1", layer.out_features, layer.in_features, 0))
+    assert use_file_blocks(target, {"layers.0.mlp.down": ("q4_1", raw)}, kernel_dir) == ["layers.0.mlp.down"]
+    fresh = cpu_kernels.pack_blocks("q4_1", raw)
+    assert torch.equal(layer.block_weight, fresh) and layer.block_weight.data_ptr() != fresh.data_ptr()
+    x = torch.randn(3, layer.in_features).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(layer(x), cpu_kernels.block_linear("q4_1", x, fresh, layer.out_features))

@@ -133,6 +133,10 @@ def use_file_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]
             if raw.shape[0] == module.out_features and module.in_features % 32 == 0 and raw.shape[1] % (module.in_features // 32) == 0:
                 module.use_blocks(fmt, raw)
                 taken.append(name)
+    modules = dict(model.named_modules())
+    packed = cpu_kernels.on_huge_pages([modules[name].block_weight for name in taken])
+    for name, tensor in zip(taken, packed):
+        modules[name].block_weight = tensor
     return taken
 
 

@@ -64,7 +64,8 @@ def test_negative_control_a_misread_layout_is_caught(kernel_dir):
     blocks[:, :, 4:] = (blocks[:, :, 4:] >> 4) | (blocks[:, :, 4:] << 4)
     w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_1)).double()
     x = torch.randn(4, 576, generator=torch.Generator().manual_seed(0)).bfloat16()
-    y = cpu_kernels.block_linear("q4_1", x, cpu_kernels.pack_blocks("q4_1", torch.from_numpy(blocks.reshape(64, -1))), 64)
+    misread = cpu_kernels.pack_blocks("q4_1", torch.from_numpy(blocks.reshape(64, -1)))
+    y = cpu_kernels.block_linear("q4_1", x, misread, 64)
     want = x.double() @ w.T
     assert ((y.double() - want).abs() / (want.abs() + want.abs().mean())).max() > 2 ** -4
 

@@ -32,7 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("dot_linear.cpp", "block_linear.cpp", "attention.cpp", "shims.cpp")]
-FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp",
+         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
 
 def supported() -> bool:

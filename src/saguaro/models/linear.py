@@ -130,7 +130,8 @@ def use_file_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]
     for name, module in model.named_modules():
         if isinstance(module, Linear) and name in blocks and blocks[name][0] in cpu_kernels.BLOCK_FORMATS:
             fmt, raw = blocks[name]
-            if raw.shape[0] == module.out_features and module.in_features % 32 == 0 and raw.shape[1] % (module.in_features // 32) == 0:
+            whole_blocks = module.in_features % 32 == 0 and raw.shape[1] % (module.in_features // 32) == 0
+            if raw.shape[0] == module.out_features and whole_blocks:
                 module.use_blocks(fmt, raw)
                 taken.append(name)
     modules = dict(model.named_modules())

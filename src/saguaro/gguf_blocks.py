@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 _FUSED = {"attn_q": ("attn.qkv", 0), "attn_k": ("attn.qkv", 1), "attn_v": ("attn.qkv", 2),
           "attn_output": ("attn.o", 0), "ffn_gate": ("mlp.gate_up", 0), "ffn_up": ("mlp.gate_up", 1),
           "ffn_down": ("mlp.down", 0)}
-_PARTS = {"attn.qkv": 3, "attn.o": 1, "mlp.gate_up": 2, "mlp.down": 1}
+_PARTS = Counter(module for module, _ in _FUSED.values())  # how many file tensors each module fuses
 
 
 def read_blocks(gguf_path: Path, formats: tuple[str, ...]) -> dict[str, tuple[str, torch.Tensor]]:

@@ -158,16 +158,15 @@ class LLM:
             why_not = f"the model runs in {self.dtype} (the block kernels take bfloat16 activations)"
         elif not cpu_kernels.load(cache_root() / "kernels"):
             why_not = "saguaro's CPU kernels need AVX512_BF16 and a C++ compiler"
-        taken = [] if why_not else use_file_blocks(self.target, read_blocks(target_path, cpu_kernels.BLOCK_FORMATS),
-                                                     cache_root() / "kernels")
+        blocks = {} if why_not else read_blocks(target_path, cpu_kernels.BLOCK_FORMATS)
+        taken = use_file_blocks(self.target, blocks, cache_root() / "kernels") if blocks else []
         if not taken:
             why_not = why_not or "the file stores none of its linears in Q4_1 or Q8_0"
             if weights == "file":
                 raise ValueError(f"weights='file' is not possible here: {why_not}")
             log.info("dense weights: %s", why_not)
             return "dense"
-        formats = sorted({m.block_format for m in self.target.modules() if getattr(m, "block_format", None)})
-        return "+".join(formats)
+        return "+".join(sorted({blocks[name][0] for name in taken}))
 
     def make_engine(self, mode: str, draft=None, k: int = 4, max_batch_size: int = 64, ssd: SSDOptions | None = None,
                     **ssd_changes) -> Engine:
@@ -245,8 +244,9 @@ class LLM:
                                             None if seq.logprobs is None else list(seq.logprobs)))
         degraded = getattr(self.engine, "degraded", None)  # an SSD engine that lost its worker
         mode = f"{self.mode}-degraded" if degraded else self.mode
-        metrics = {"mode": mode, "dtype": self.dtype, "weights": self.weights, "compiled": self.target.compiled is not None,
-                   **group[0].metrics()}  # under auto, the sequence says which mode ran
+        # under auto, the sequence's own metrics say which mode ran
+        metrics = {"mode": mode, "dtype": self.dtype, "weights": self.weights,
+                   "compiled": self.target.compiled is not None, **group[0].metrics()}
         if degraded:
             metrics["degraded"] = degraded
         return RequestOutput(prompt if isinstance(prompt, str) else None, group[0].prompt_ids, outputs, metrics)

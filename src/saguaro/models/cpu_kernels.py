@@ -31,7 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("dot_linear.cpp", "block_linear.cpp", "attention.cpp", "shims.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name
+           for name in ("dot_linear.cpp", "block_linear.cpp", "attention.cpp", "shims.cpp")]
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp",
          "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
@@ -118,7 +119,13 @@ def on_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def block_linear(fmt: str, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    return getattr(torch.ops.saguaro_cpu, f"{fmt}_linear")(x, packed, out_features)
+    return _block_op(fmt)(x, packed, out_features)
+
+
+@functools.cache
+def _block_op(fmt: str):
+    """The op for `fmt`, looked up once (eager batches call it for every linear of every step)."""
+    return getattr(torch.ops.saguaro_cpu, f"{fmt}_linear")
 
 
 def aoti_shims() -> dict:

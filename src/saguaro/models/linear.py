@@ -126,19 +126,18 @@ def use_file_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]
     where saguaro's kernels load. Returns the names of the linears that took them."""
     if model.dtype != torch.bfloat16 or model.device.type != "cpu" or not cpu_kernels.load(kernel_dir):
         return []
-    taken = []
+    taken = {}
     for name, module in model.named_modules():
         if isinstance(module, Linear) and name in blocks and blocks[name][0] in cpu_kernels.BLOCK_FORMATS:
             fmt, raw = blocks[name]
             whole_blocks = module.in_features % 32 == 0 and raw.shape[1] % (module.in_features // 32) == 0
             if raw.shape[0] == module.out_features and whole_blocks:
                 module.use_blocks(fmt, raw)
-                taken.append(name)
-    modules = dict(model.named_modules())
-    packed = cpu_kernels.on_huge_pages([modules[name].block_weight for name in taken])
-    for name, tensor in zip(taken, packed):
-        modules[name].block_weight = tensor
-    return taken
+                taken[name] = module
+    packed = cpu_kernels.on_huge_pages([module.block_weight for module in taken.values()])
+    for module, tensor in zip(taken.values(), packed):
+        module.block_weight = tensor
+    return list(taken)
 
 
 def use_kernels(model: nn.Module, kernel_dir: Path) -> bool:

@@ -13,10 +13,10 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <cstring>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {

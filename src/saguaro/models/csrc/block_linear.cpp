@@ -4,8 +4,9 @@
 // A Q4_1 block holds 32 weights d*q + m (q in 0..15, d and m float16); a Q8_0 block 32 weights d*q
 // (q in -128..127). The activations stay bfloat16 and are never quantized: for each block,
 //   sum_k x_k w_k = d * sum_k x_k q_k (+ m * sum_k x_k),
-// where x_k q_k is exact in float (q is a small integer, exactly a bfloat16) and sum_k x_k q_k is one
-// VDPBF16PS chain. So the model computed is the file's weights as written, at no precision below them.
+// where x_k q_k is exact in float (q is a small integer, exactly a bfloat16) and sum_k x_k q_k is two
+// VDPBF16PS chains (the low and the high nibbles) added in a fixed order. So the model computed is the
+// file's weights as written, at no precision below them.
 //
 // Layout (pack_*): outputs in groups of 16, one float lane each; a register holds the 32 values
 // [output o][k pair p] of one k pair for 16 outputs, made from 32 bytes with one zero-extension and a

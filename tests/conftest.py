@@ -13,6 +13,9 @@ import torch
 # dtype and path where it matters. Subprocesses the tests start inherit these.
 os.environ.setdefault("SAGUARO_COMPILE", "0")
 os.environ.setdefault("SAGUARO_DTYPE", "float32")
+# Mode auto's clocks are not remembered across tests (nor read from the developer's cache): each test's
+# engine measures for itself. tests/test_auto_memory.py turns it on in a temporary directory.
+os.environ.setdefault("SAGUARO_AUTO_MEMORY", "0")
 
 
 def tiny_hf_model(arch: str, seed: int = 0, vocab: int = 96, layers: int = 2):

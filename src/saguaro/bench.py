@@ -118,8 +118,12 @@ def make_runners(llm, modes: list[str], k: int, draft, ssd: SSDOptions | None = 
                 mode, llm.target_path, llm.tokenizer.stop_token_ids, threads=torch.get_num_threads(),
                 n_ctx=llm.target.config.max_position))
         else:
-            if mode == "auto":
-                engine = llm.make_engine("ssd", draft, k, ssd=replace(ssd or SSDOptions(), auto=True))
+            if mode == "auto":  # a feature draft's speculation is SD (SSD does not run it yet)
+                from saguaro.embedded import embedded_draft_path
+                from saguaro.speculators.draft import is_feature_checkpoint
+
+                speculative = "sd" if is_feature_checkpoint(draft or embedded_draft_path()) else "ssd"
+                engine = llm.make_engine(speculative, draft, k, ssd=replace(ssd or SSDOptions(), auto=True))
             else:
                 engine = llm.make_engine(mode, spec_draft or draft, k, ssd=ssd if mode == "ssd" else None)
             runners[spec] = EngineRunner(engine)

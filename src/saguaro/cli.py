@@ -211,6 +211,7 @@ def cmd_distill(args) -> None:
         init_from=Path(args.init_from) if args.init_from else None, bf16=args.bf16, max_epochs=args.max_epochs,
         teacher=args.teacher, corpus=parse_corpus(args.corpus), top_k=args.top_k, window=args.window,
         onpolicy_dir=Path(args.onpolicy_dir) if args.onpolicy_dir else None, shard_prompts=args.shard_rows,
+        depth=args.depth, eval_every=args.eval_every,
     )
     report = run_distill(opts)
     if report:
@@ -321,11 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--layers", help="target layers to initialise the draft from, e.g. 0,1")
     d.add_argument("--head-vocab", type=_positive_int, default=8192, help="draft output vocabulary size")
-    d.add_argument("--phase", choices=["all", "teacher", "teacher-force", "train", "eval"], default="all",
+    d.add_argument("--phase", choices=["all", "teacher", "teacher-force", "teacher-features", "train", "eval"], default="all",
                    help="teacher: generate on-policy data; teacher-force: the target scores --corpus text; "
+                        "teacher-features: the same, keeping the bf16 target's hidden states; "
                         "train; eval; all: generate and train in one process (default)")
-    d.add_argument("--teacher", choices=["generate", "forced"], default="generate",
-                   help="training data: the generated shards (default) or the teacher-forced ones, with the tail loss")
+    d.add_argument("--teacher", choices=["generate", "forced", "features"], default="generate",
+                   help="training data: the generated shards (default), the teacher-forced ones (tail loss), or the "
+                        "feature shards, which train a feature-conditioned (EAGLE-style) draft")
+    d.add_argument("--eval-every", type=_positive_int, default=200,
+                   help="training steps between held-out evaluations (default: 200)")
+    d.add_argument("--depth", type=_positive_int, default=3,
+                   help="drafting steps a feature draft's training unrolls (default: 3)")
     d.add_argument("--corpus", default="sharegpt,python,onpolicy",
                    help="teacher-forced corpora and their weights in training batches, e.g. sharegpt:2,python,"
                         "onpolicy:0.5 (default: all three, equal)")

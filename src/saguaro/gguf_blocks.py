@@ -87,3 +87,32 @@ def _parse_blocks(gguf_path: Path, formats: tuple[str, ...]) -> dict[str, tuple[
     if output is not None and output[1] is not None:
         blocks["lm_head"] = output
     return blocks
+
+
+def use_file_weights(model, path: Path, weights: str, kernel_dir: Path) -> str:
+    """Have `model` (loaded from `path`) multiply by the file's own blocks where it can; returns what its
+    linears multiply by: "dense", or the block formats taken (e.g. "q4_1+q8_0").
+
+    weights: "dense" keeps the dense copy; "auto" takes the blocks where possible; "file" insists on them.
+    """
+    from saguaro.models import cpu_kernels
+    from saguaro.models.linear import use_file_blocks
+
+    if weights == "dense":
+        return "dense"
+    why_not = None
+    if path.suffix.lower() != ".gguf":
+        why_not = f"{path} is not a .gguf file"
+    elif model.dtype != torch.bfloat16:
+        why_not = f"the model runs in {str(model.dtype).removeprefix('torch.')} (the block kernels take bfloat16 activations)"
+    elif not cpu_kernels.load(kernel_dir):
+        why_not = "saguaro's CPU kernels need AVX512_BF16 and a C++ compiler"
+    blocks = {} if why_not else read_blocks(path, cpu_kernels.BLOCK_FORMATS)
+    taken = use_file_blocks(model, blocks, kernel_dir) if blocks else []
+    if not taken:
+        why_not = why_not or "the file stores none of its linears in Q4_1 or Q8_0"
+        if weights == "file":
+            raise ValueError(f"weights='file' is not possible here: {why_not}")
+        log.info("dense weights: %s", why_not)
+        return "dense"
+    return "+".join(sorted({blocks[name][0] for name in taken}))

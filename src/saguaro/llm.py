@@ -12,10 +12,12 @@ import torch
 from saguaro.embedded import embedded_draft_path, embedded_target_path
 from saguaro.engine.base import AREngine, Engine
 from saguaro.engine.sequence import Sequence
+from saguaro.gguf_blocks import use_file_weights
 from saguaro.loader import cache_root, load_model, resolve_checkpoint
 from saguaro.models.compiled import compile_step
 from saguaro.models.linear import Linear, native_bf16
 from saguaro.sampling import SamplingParams, TokenLogprob, choices
+from saguaro.speculators.draft import is_feature_checkpoint
 from saguaro.serve.detokenizer import StopStrings
 from saguaro.ssd.options import SSDOptions
 from saguaro.tokenizer import Tokenizer
@@ -125,15 +127,18 @@ class LLM:
             gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
             mode = auto_mode(neural_draft, device, len(available_cores()), gpus,
                              remote_worker=ssd.draft_worker is not None)
-            log.info("mode auto: running %s", "SSD or AR round by round (engine/auto.py)" if mode == "ssd" else mode)
-            if mode == "ssd":  # speculation only in the rounds where it measured faster than AR
+            if mode == "ssd" and is_feature_checkpoint(draft or embedded_draft_path()):
+                mode = "sd"  # a feature draft runs in SD, on every core (SSD does not run it yet)
+            log.info("mode auto: running %s", f"{mode.upper()} or AR round by round (engine/auto.py)"
+                     if mode in ("ssd", "sd") else mode)
+            if mode in ("ssd", "sd"):  # speculation only in the rounds where it measured faster than AR
                 ssd = replace(ssd, auto=True)
         self.mode = "auto" if ssd.auto else mode
         target_path = Path(model) if model is not None else embedded_target_path()
         self.target_path = target_path
         self.target = load_model(target_path, dtype=DTYPES[dtype], device=device)
         self.dtype = dtype
-        self.weights = self._use_file_weights(target_path, weights)
+        self.weights = use_file_weights(self.target, target_path, weights, cache_root() / "kernels")
         if compile_wanted(compile):
             self.target.compiled = compile_step(self.target, cache_root() / "compiled", [(1, None)])
             if self.target.compiled is not None:  # it serves decoding: prefills need no oneDNN packed copy
@@ -142,31 +147,6 @@ class LLM:
                         module.drop_packed()
         self.tokenizer = Tokenizer.load(resolve_checkpoint(target_path), self.target.config.eos_token_ids)
         self.engine = self.make_engine(mode, draft, k, max_batch_size, ssd)
-
-    def _use_file_weights(self, target_path: Path, weights: str) -> str:
-        """What the target's linears multiply by: "dense", or the file's block formats (e.g. "q4_1+q8_0")."""
-        from saguaro.gguf_blocks import read_blocks
-        from saguaro.models import cpu_kernels
-        from saguaro.models.linear import use_file_blocks
-
-        if weights == "dense":
-            return "dense"
-        why_not = None
-        if target_path.suffix.lower() != ".gguf":
-            why_not = f"{target_path} is not a .gguf file"
-        elif self.target.dtype != torch.bfloat16:
-            why_not = f"the model runs in {self.dtype} (the block kernels take bfloat16 activations)"
-        elif not cpu_kernels.load(cache_root() / "kernels"):
-            why_not = "saguaro's CPU kernels need AVX512_BF16 and a C++ compiler"
-        blocks = {} if why_not else read_blocks(target_path, cpu_kernels.BLOCK_FORMATS)
-        taken = use_file_blocks(self.target, blocks, cache_root() / "kernels") if blocks else []
-        if not taken:
-            why_not = why_not or "the file stores none of its linears in Q4_1 or Q8_0"
-            if weights == "file":
-                raise ValueError(f"weights='file' is not possible here: {why_not}")
-            log.info("dense weights: %s", why_not)
-            return "dense"
-        return "+".join(sorted({blocks[name][0] for name in taken}))
 
     def make_engine(self, mode: str, draft=None, k: int = 4, max_batch_size: int = 64, ssd: SSDOptions | None = None,
                     **ssd_changes) -> Engine:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from saguaro.config import ModelConfig
 from saguaro.models.layers import rope_inv_freq
+from saguaro.models.feature_draft import FEATURE_DRAFT_KEY, FEATURE_FUSE, FeatureDraft
 from saguaro.models.transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ def to_internal_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> 
         out[f"layers.{i}.mlp.gate_up.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
         out[f"layers.{i}.mlp.down.weight"] = take(m + "down_proj.weight")
     hf.pop("lm_head.weight", None)
+    if FEATURE_FUSE in hf:  # a feature-conditioned draft (models/feature_draft.py)
+        out["fuse.weight"] = take(FEATURE_FUSE)
     leftover = [n for n in hf if "rotary_emb" not in n]
     if leftover:
         log.warning("ignoring %d unexpected tensors, e.g. %s", len(leftover), leftover[0])
@@ -156,7 +159,7 @@ def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, device: str = "c
         raise CheckpointError(f"{path}: config.json lacks {e}") from None
     weights = to_internal_state_dict(read_safetensors(path), config)
     with torch.device("meta"), _no_embedding_init():
-        model = CausalLM(config)
+        model = (FeatureDraft if hf_config.get(FEATURE_DRAFT_KEY) else CausalLM)(config)
     model.load_state_dict(weights, strict=False, assign=True)
     if "embed.weight" not in weights:
         if embeddings is None or not hf_config.get("saguaro_embeddings_from_target"):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from saguaro.models.feature_draft import FEATURE_DRAFT_KEY, FEATURE_FUSE, FeatureDraft
 from saguaro.models.transformer import CausalLM
 from saguaro.prompts import _sharegpt_conversations, humaneval_prompts
 from saguaro.tokenizer import Tokenizer
@@ -72,6 +73,9 @@ def save_draft(draft: CausalLM, out_dir: Path, extra: dict | None = None, dtype=
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     cfg.update(extra or {})
     tensors = {"model.norm.weight": draft.norm.weight, "lm_head.weight": draft.lm_head.weight}
+    if isinstance(draft, FeatureDraft):
+        cfg[FEATURE_DRAFT_KEY] = True
+        tensors[FEATURE_FUSE] = draft.fuse.weight
     c = draft.config
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     for i, layer in enumerate(draft.layers):

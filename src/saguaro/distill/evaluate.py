@@ -87,15 +87,22 @@ def acceptance_t1(draft: CausalLM, shard: dict[str, torch.Tensor], p_rows: list[
     return {"accept_t1": total / max(1, count), "positions": count}
 
 
+def solve_ap(mean_accepted: float, k: int) -> float:
+    """The per-position acceptance a with a + a^2 + ... + a^k = mean_accepted (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mid ** j for j in range(1, k + 1)) < mean_accepted else (lo, mid)
+    return (lo + hi) / 2
+
+
 def agreement_report(draft: CausalLM, shard: dict[str, torch.Tensor], k: int = 4) -> dict[str, float]:
     seqs = match_sequences(draft, shard)
     flat = [m for s in seqs for m in s]
     rounds = [a for s in seqs for a in accepted_lengths(s, k)]
-    return {
-        "agreement": sum(flat) / max(1, len(flat)),
-        f"mean_accepted_k{k}": sum(rounds) / max(1, len(rounds)),
-        "positions": len(flat),
-    }
+    mean = sum(rounds) / max(1, len(rounds))
+    return {"agreement": sum(flat) / max(1, len(flat)), f"mean_accepted_k{k}": mean, "a_p": solve_ap(mean, k),
+            "positions": len(flat)}
 
 
 @torch.inference_mode()

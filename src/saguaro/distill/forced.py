@@ -190,12 +190,14 @@ def resume_cursor(data_dir: Path) -> int:
 
 def run_teacher_force(target: CausalLM, sources: dict[str, Callable[[int], Iterator[tuple[int, list[Text]]]]],
                       out_dir: Path, k: int = TOP_K, batch_tokens: int = 4096,
-                      max_shards: int | None = None) -> dict[str, dict]:
+                      max_shards: int | None = None, make_shard=None) -> dict[str, dict]:
     """Write shards of every corpus, one of each in turn, until all are done (or `max_shards` in all).
 
     sources[name](cursor) yields that corpus's (next cursor, texts) groups from item `cursor` on
     (`corpora.grouped`); a corpus resumes at the cursor of the last shard its directory holds.
+    make_shard(target, texts, k, batch_tokens): what a shard holds (default `force_shard`).
     """
+    make_shard = make_shard or force_shard
     streams = {name: groups(resume_cursor(out_dir / name)) for name, groups in sources.items()}
     written = 0
     bar = tqdm(unit="tok", desc="teacher forcing", disable=max_shards is not None)
@@ -207,7 +209,7 @@ def run_teacher_force(target: CausalLM, sources: dict[str, Callable[[int], Itera
                 continue
             index = len(shard_paths(out_dir / name))
             t0 = time.monotonic()
-            shard = force_shard(target, texts, k, batch_tokens)
+            shard = make_shard(target, texts, k, batch_tokens)
             wall = time.monotonic() - t0
             scored, labelled = int(shard["ends"].sum()), int(shard["label_offsets"][-1])
             write_shard(out_dir / name, index, shard, metadata={

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,10 +23,16 @@ from tqdm import tqdm
 from saguaro.distill import draft as draft_lib
 from saguaro.distill.corpora import grouped, python_items, sharegpt_items
 from saguaro.distill.evaluate import acceptance_t1, agreement_report, decode_step_ms, target_probs
+from saguaro.distill.feature_eval import feature_report, target_states
+from saguaro.distill.feature_train import FeatureTrainer
+from saguaro.distill.features import feature_shard
 from saguaro.distill.forced import TOP_K, corpus_stats, onpolicy_items, pin_stream_settings, run_teacher_force
 from saguaro.distill.teacher import generate_shard, read_shard, shard_paths, train_prompts, write_shard
 from saguaro.distill.train import Trainer
+from saguaro.gguf_blocks import use_file_weights
 from saguaro.loader import cache_root, load_model, resolve_checkpoint
+from saguaro.models.feature_draft import FeatureDraft, build_feature_draft
+from saguaro.models.transformer import CausalLM
 from saguaro.prompts import load_prompts
 from saguaro.tokenizer import Tokenizer
 
@@ -58,6 +65,7 @@ class DistillOptions:
     top_k: int = TOP_K  # teacher forcing keeps this many log-probabilities per position
     window: int = 512  # tokens per teacher-forced sequence
     onpolicy_dir: Path | None = None  # generated shards to re-score (default: the work dir's teacher/)
+    depth: int = 3  # drafting steps a feature draft's training unrolls
 
     def corpora(self) -> dict[str, float]:
         return self.corpus or dict(DEFAULT_CORPUS)
@@ -121,9 +129,29 @@ def forced_sources(opts: DistillOptions, tokenizer, data_dir: Path) -> dict:
     return {name: makers[name] for name in opts.corpora()}
 
 
+def feature_target(opts: DistillOptions) -> tuple[CausalLM, str]:
+    """The target as the engine runs it by default (bfloat16 over the GGUF's own blocks where possible):
+    the hidden states a feature-conditioned draft is trained on must be the ones it will be given."""
+    target = load_model(opts.target, dtype=torch.bfloat16)
+    weights = use_file_weights(target, Path(opts.target), "auto", cache_root() / "kernels")
+    return target, weights
+
+
+def run_feature_teacher(opts: DistillOptions, tokenizer, data_dir: Path, work: Path) -> dict:
+    """Teacher forcing that keeps the target's hidden states (`features.py`), into <work>/features/<corpus>."""
+    target, weights = feature_target(opts)
+    log.info("feature teacher: bfloat16 target, %s weights", weights)
+    t0 = time.monotonic()
+    pin_stream_settings(work / "features", {"seed": opts.seed, "window": opts.window, "weights": weights})
+    stats = run_teacher_force(target, forced_sources(opts, tokenizer, data_dir), work / "features", opts.top_k,
+                              make_shard=feature_shard)
+    log.info("feature teacher done in %.0fs: %s", time.monotonic() - t0, stats)
+    return stats
+
+
 def train_sources(opts: DistillOptions, work: Path) -> dict[Path, float]:
-    if opts.teacher == "forced":
-        return {work / "forced" / name: w for name, w in opts.corpora().items() if w > 0}
+    if opts.teacher in ("forced", "features"):
+        return {work / opts.teacher / name: w for name, w in opts.corpora().items() if w > 0}
     return {work / "teacher": 1.0}
 
 
@@ -152,6 +180,20 @@ def t1_references(target, draft, shards: dict[str, dict]) -> dict[str, list]:
     return refs
 
 
+def draft_evaluator(opts: DistillOptions, target: CausalLM, draft: CausalLM, evals: dict[str, dict]):
+    """draft -> its held-out report; what the report needs of the target is computed once, here.
+
+    A feature draft is given the states of the target as the engine runs it (`feature_target`)."""
+    if not isinstance(draft, FeatureDraft):
+        refs = t1_references(target, draft, evals)
+        return lambda d: evaluate(d, evals, refs)
+    fast_target, _ = feature_target(opts)
+    t0 = time.monotonic()
+    states = {name: target_states(fast_target, shard) for name, shard in evals.items()}
+    log.info("target states for the evaluation in %.0fs", time.monotonic() - t0)
+    return lambda d: {name: feature_report(d, fast_target, shard, states[name]) for name, shard in evals.items()}
+
+
 def evaluate(draft, shards: dict[str, dict], refs: dict[str, list] | None = None) -> dict[str, dict]:
     """Greedy agreement per held-out set; with `t1_references`, also the expected acceptance at T=1."""
     draft.eval()
@@ -175,6 +217,8 @@ def make_draft(opts, target, tokenizer, state_dir: Path):
         output_ids = draft_lib.frequent_tokens(tokenizer, opts.head_vocab)
         state_dir.mkdir(parents=True, exist_ok=True)
         vocab_file.write_text(json.dumps(output_ids))
+    if opts.teacher == "features":
+        return build_feature_draft(target, opts.layers or [len(target.layers) - 1], output_ids)
     layers = opts.layers or [0, 1]  # first layers: the best agreement at init (measured, see docs)
     return draft_lib.build_draft(target, layers, output_ids)
 
@@ -202,6 +246,8 @@ def run_distill(opts: DistillOptions) -> dict:
     if opts.phase == "teacher":
         run_teacher(opts, target, tokenizer, data_dir)
         return {}
+    if opts.phase == "teacher-features":
+        return {"teacher_features": run_feature_teacher(opts, tokenizer, data_dir, work)}
     if opts.phase == "teacher-force":
         t0 = time.monotonic()
         pin_stream_settings(work / "forced", {"seed": opts.seed, "window": opts.window})
@@ -211,15 +257,16 @@ def run_distill(opts: DistillOptions) -> dict:
     evals = eval_shards(opts, target, tokenizer, data_dir)
     if opts.phase == "eval":
         draft = load_model(opts.out, embeddings_from=target)
-        report = evaluate(draft, evals, t1_references(target, draft, evals))
+        report = draft_evaluator(opts, target, draft, evals)(draft)
         cost = decode_step_ms({"target": target, "draft": draft})  # at the caller's --threads
         report["forward_ms"] = {**cost, "threads": torch.get_num_threads(), "draft_over_target":
                                 cost["draft"] / cost["target"]}
         log.info("eval: %s", report)
         return report
     draft = make_draft(opts, target, tokenizer, state_dir)
-    trainer = Trainer(draft, train_sources(opts, work), state_dir, opts.seed, lr=opts.lr,
-                      batch_size=opts.batch_size, bf16=opts.bf16)
+    trainer_class = partial(FeatureTrainer, depth=opts.depth) if opts.teacher == "features" else Trainer
+    trainer = trainer_class(draft, train_sources(opts, work), state_dir, opts.seed, lr=opts.lr,
+                            batch_size=opts.batch_size, bf16=opts.bf16)
     if trainer.load_state():
         log.info("resumed at step %d (%d tokens)", trainer.step, trainer.tokens_seen)
     elif opts.init_from is not None:
@@ -227,7 +274,7 @@ def run_distill(opts: DistillOptions) -> dict:
         trainer.step, trainer.tokens_seen = meta.get("step", 0), meta.get("tokens_seen", 0)
         trainer.warmup_from = trainer.step
         log.info("starting from %s at step %d (%d tokens)", opts.init_from, trainer.step, trainer.tokens_seen)
-    refs = t1_references(target, draft, evals)
+    evaluate_draft = draft_evaluator(opts, target, draft, evals)
     bar = tqdm(total=opts.tokens, initial=trainer.tokens_seen, unit="tok", desc="distill")
     report: dict = {}
 
@@ -236,7 +283,7 @@ def run_distill(opts: DistillOptions) -> dict:
         bar.update(tr.tokens_seen - bar.n)
         bar.set_postfix(loss=f"{loss:.3f}", step=tr.step)
         if tr.step % opts.eval_every == 0:
-            report = evaluate(tr.draft, evals, refs)
+            report = evaluate_draft(tr.draft)
             log.info("step %d tokens %d loss %.3f eval %s", tr.step, tr.tokens_seen, loss, report)
             draft_lib.save_draft(tr.draft, opts.out, {"saguaro_distill": {
                 **_record(tr, opts), "eval": report}})
@@ -246,7 +293,7 @@ def run_distill(opts: DistillOptions) -> dict:
     if opts.phase == "all" and not shard_paths(data_dir):
         run_teacher(opts, target, tokenizer, data_dir, max_shards=1)
     trainer.run(opts.tokens, on_step=on_step, max_epochs=opts.max_epochs)
-    report = evaluate(trainer.draft, evals, refs)
+    report = evaluate_draft(trainer.draft)
     draft_lib.save_draft(trainer.draft, opts.out, {"saguaro_distill": {
         **_record(trainer, opts), "eval": report}})
     return report

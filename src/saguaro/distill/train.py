@@ -243,24 +243,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def next_batch(self):
-        """This step's tokens, loss weights, and the loss of the draft's logits on them (by the data's kind)."""
+        """This step's loss weights, the draft's forward on its inputs, and the loss of that forward's output
+        (by the data's kind)."""
         rows = self.next_rows()
         if self.forced:
             tokens, ids, probs, outside, weight = make_forced_batch(self._shards, self._shard_files, rows,
                                                                     self.max_len)
-            return tokens, weight, lambda out: tail_loss(out, ids, probs, outside, weight, self.index)
+            return weight, lambda m: m.forward_train(tokens), lambda out: tail_loss(
+                out.float(), ids, probs, outside, weight, self.index)
         tokens, ids, logits, weight = make_batch(self._shards, rows, self.max_len)
-        return tokens, weight, lambda out: distill_loss(out, ids, logits, weight, self.index)
+        return weight, lambda m: m.forward_train(tokens), lambda out: distill_loss(
+            out.float(), ids, logits, weight, self.index)
 
     def train_step(self) -> float:
-        tokens, weight, loss_of = self.next_batch()
+        weight, forward, loss_of = self.next_batch()
         lr = self.lr * min(1.0, (self.step + 1 - self.warmup_from) / self.warmup)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.draft.train()
-        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.draft.forward_train(tokens)
-        loss = loss_of(out.float())
+        with torch.autocast(weight.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = forward(self.draft)
+        loss = loss_of(out)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)

@@ -27,7 +27,7 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class RoundChoice:
-    mode: str  # "ssd" or "ar"
+    mode: str  # the speculative mode ("ssd" or "sd") or "ar"
     reason: str  # why, for metrics["auto_reason"]
 
 
@@ -96,6 +96,7 @@ class MeasuredRounds:
     explore_every: int = 64
     explore_rounds: int = 2  # the first settles, the second is timed
     max_backoff: int = 16  # each re-measurement that leaves the faster mode unchanged doubles the wait, to this
+    speculative: str = "ssd"  # the mode weighed against AR: "ssd", or "sd" for an SD engine
     clocks: dict[tuple[str, str], ModeClock] = field(default_factory=dict)
     _since_explore: dict[str, int] = field(default_factory=dict)
     _last_mode: dict[str, str] = field(default_factory=dict)
@@ -106,12 +107,13 @@ class MeasuredRounds:
         if batch > 1:
             return RoundChoice("ar", f"batch {batch} > 1: SSD measured below batched AR")
         band = "sampled" if sampled_rows else "greedy"
-        ssd, ar = self._clock(band, "ssd"), self._clock(band, "ar")
-        for mode, clock in (("ssd", ssd), ("ar", ar)):
+        spec = self.speculative
+        ssd, ar = self._clock(band, spec), self._clock(band, "ar")
+        for mode, clock in ((spec, ssd), ("ar", ar)):
             if clock.rounds < self.warmup:
                 return RoundChoice(mode, f"{band}: measuring {mode} ({clock.rounds + 1}/{self.warmup})")
-        best, other = ("ssd", "ar") if ssd.per_token_s <= ar.per_token_s else ("ar", "ssd")
-        speeds = f"ssd {ssd.tokens_per_s:.1f} vs ar {ar.tokens_per_s:.1f} tok/s"
+        best, other = (spec, "ar") if ssd.per_token_s <= ar.per_token_s else ("ar", spec)
+        speeds = f"{spec} {ssd.tokens_per_s:.1f} vs ar {ar.tokens_per_s:.1f} tok/s"
         if self._best.get(band) != best:
             self._best[band], self._explorations[band] = best, 0
         since = self._since_explore.get(band, 0)
@@ -127,6 +129,20 @@ class MeasuredRounds:
             return RoundChoice(other, f"{band}: re-measuring {other} ({speeds})")
         self._since_explore[band] = since + 1
         return RoundChoice(best, f"{band}: {best} measured faster ({speeds})")
+
+    def remembered(self) -> dict[str, float]:
+        """Each measured clock's seconds per token, keyed "band/mode" (what `auto_memory` keeps)."""
+        return {f"{band}/{mode}": c.per_token_s for (band, mode), c in self.clocks.items() if c.per_token_s}
+
+    def recall(self, clocks: dict[str, float]) -> None:
+        """Start from clocks an earlier process measured: one sample each, counted as warmed up, so a
+        band whose two modes are both remembered chooses at once; its own rounds replace them."""
+        for name, seconds in clocks.items():
+            band, _, mode = name.partition("/")
+            if band in ("greedy", "sampled") and mode in (self.speculative, "ar") and seconds and seconds > 0:
+                clock = self._clock(band, mode)
+                clock.samples.append(float(seconds))
+                clock.rounds = max(clock.rounds, self.warmup)
 
     def observe(self, choice: RoundChoice, batch: int, sampled_rows: int, seconds: float, tokens: int) -> None:
         if batch != 1:

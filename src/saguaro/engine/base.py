@@ -118,9 +118,15 @@ class Engine:
         ids, lengths = right_pad([s.prompt_ids for s in seqs])
         capacity = max(len(s.prompt_ids) + s.params.max_tokens for s in seqs) + 2 * self.lookahead + 1
         cache = self.target.new_cache(len(seqs), capacity)
-        logits = self.target(ids.to(self.target.device), cache, logits_at=(lengths - 1)[:, None])[:, 0]
+        states = None
+        if self.wants_target_states:  # the same logits, through the states a feature draft reads
+            states = self.target.hidden_states(ids.to(self.target.device), cache)
+            last = states.gather(1, (lengths - 1).to(states.device)[:, None, None].expand(-1, 1, states.shape[-1]))
+            logits = self.target.logits_of(last)[:, 0]
+        else:
+            logits = self.target(ids.to(self.target.device), cache, logits_at=(lengths - 1)[:, None])[:, 0]
         cache.lengths[:] = lengths
-        self.on_prefill(seqs, ids, lengths, cache)
+        self.on_prefill(seqs, ids, lengths, cache, states)
         append_sampled(seqs, logits, self.stop_ids)
         if self.cache is None:
             self.cache = cache
@@ -141,7 +147,13 @@ class Engine:
         self.on_retire(keep)
 
     # ------------------------------------------------------------------ mode hooks
-    def on_prefill(self, seqs: list[Sequence], ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> None:
+    @property
+    def wants_target_states(self) -> bool:
+        """Whether prefills hand `on_prefill` the target's hidden states (a feature draft reads them)."""
+        return False
+
+    def on_prefill(self, seqs: list[Sequence], ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
+                   states: torch.Tensor | None = None) -> None:
         """New sequences were prefilled on the target (speculative modes prefill their draft here)."""
 
     def on_retire(self, keep: list[int]) -> None:

@@ -32,6 +32,7 @@ class RoundStats:
     draft_busy_s: float = 0.0  # SSD: time the drafter worked for those rounds (tree + fallback)
     ar_rounds: int = 0  # mode "auto": rounds that ran plain decoding instead of speculation
     auto_reason: str | None = None  # mode "auto": why its last round ran the mode it did
+    speculative_mode: str = "ssd"  # mode "auto": the speculative mode weighed against AR
 
 
 @dataclass(eq=False)  # a request is itself: identity, not field-by-field equality
@@ -145,7 +146,8 @@ class Sequence:
         if s.lookup_rounds:
             out.update(lookup_rounds=s.lookup_rounds, mean_accepted_on_lookup=s.accepted_on_lookup / s.lookup_rounds)
         if s.auto_reason is not None:
-            out.update(mode="ssd+ar" if s.rounds and s.ar_rounds else "ar" if s.ar_rounds else "ssd",
+            spec = s.speculative_mode
+            out.update(mode=f"{spec}+ar" if s.rounds and s.ar_rounds else "ar" if s.ar_rounds else spec,
                        ar_rounds=s.ar_rounds, auto_reason=s.auto_reason)
         if s.draft_busy_s > 0:  # the share of the drafter's work the target's verification hid
             out.update(

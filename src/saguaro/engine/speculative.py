@@ -7,16 +7,19 @@ import time
 
 import torch
 
-from saguaro.engine.base import Engine
+from saguaro.engine.auto import MeasuredRounds, RoundRule
+from saguaro.engine.auto_memory import RemembersClocks
+from saguaro.engine.base import Engine, append_sampled
 from saguaro.engine.scoring import emitted_logprobs, verify_round
-from saguaro.engine.ssd_setup import make_ssd_engine
+from saguaro.engine.ssd_setup import make_ssd_engine, remember_auto_clocks
 from saguaro.loader import CheckpointError
 from saguaro.models.transformer import CausalLM
-from saguaro.speculators import NeuralSpeculator, NgramSpeculator, Speculator
+from saguaro.models.feature_draft import FeatureDraft
+from saguaro.speculators import FeatureSpeculator, NeuralSpeculator, NgramSpeculator, Speculator
 from saguaro.loader import cache_root
 from saguaro.models import cpu_kernels
 from saguaro.models.linear import use_kernels
-from saguaro.speculators.draft import check_vocabulary, load_draft
+from saguaro.speculators.draft import check_vocabulary, is_feature_checkpoint, load_draft
 from saguaro.ssd.options import SSDOptions
 
 __all__ = ["SDEngine", "check_vocabulary", "load_draft", "make_speculative_engine"]  # the draft loaders: old path
@@ -24,35 +27,84 @@ __all__ = ["SDEngine", "check_vocabulary", "load_draft", "make_speculative_engin
 log = logging.getLogger(__name__)
 
 
-class SDEngine(Engine):
+class SDEngine(RemembersClocks, Engine):
     mode = "sd"
 
     def __init__(self, target: CausalLM, speculator: Speculator, k: int, stop_token_ids: set[int],
-                 max_batch_size: int = 64):
+                 max_batch_size: int = 64, round_rule: RoundRule | None = None):
+        """round_rule: mode "auto": whether the next round speculates or decodes one token (engine/auto.py),
+        both on every core; None always speculates."""
         super().__init__(target, stop_token_ids, max_batch_size)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.speculator, self.k = speculator, k
+        self.round_rule = round_rule
+        if round_rule is not None:
+            self.mode = "auto"
         self.totals = {"rounds": 0, "draft_s": 0.0, "verify_s": 0.0}
 
     @property
     def lookahead(self) -> int:
         return self.k + 1
 
-    def on_prefill(self, seqs, ids, lengths, cache) -> None:
-        self.speculator.prefill(seqs, ids, lengths)
+    @property
+    def wants_target_states(self) -> bool:
+        return self.speculator.needs_target_states
+
+    def on_prefill(self, seqs, ids, lengths, cache, states=None) -> None:
+        self.speculator.prefill(seqs, ids, lengths, states)
 
     def on_retire(self, keep: list[int]) -> None:
         self.speculator.retire(keep)
 
     def decode_round(self) -> None:
+        if self.round_rule is None:
+            self._speculative_round()
+            return
+        seqs = list(self.running)
+        sampled = sum(not s.params.greedy for s in seqs)
+        choice = self.round_rule(len(seqs), sampled)
+        before = sum(len(s.output_ids) for s in seqs)
+        t0 = time.perf_counter()
+        for s in seqs:
+            s.stats.auto_reason, s.stats.speculative_mode = choice.reason, "sd"
+        if choice.mode == "ar":
+            self._plain_round(seqs)
+        else:
+            self._speculative_round()
+        emitted = sum(len(s.output_ids) for s in seqs) - before
+        self.round_rule.observe(choice, len(seqs), sampled, time.perf_counter() - t0, emitted)
+        self.round_observed()
+
+    def _plain_round(self, seqs) -> None:
+        """One token per row, no speculation; the speculator hears of it (a feature draft keeps the state)."""
+        ids = torch.tensor([[s.last_token] for s in seqs], device=self.target.device)
+        states = None
+        if self.wants_target_states:
+            logits, states = self.target(ids, self.cache, return_hidden=True)
+        else:
+            logits = self.target(ids, self.cache)
+        self.cache.lengths += 1
+        append_sampled(seqs, logits[:, -1], self.stop_ids)
+        self.speculator.decoded_plainly(states)
+        for s in seqs:
+            s.stats.ar_rounds += 1
+
+    def close(self) -> None:
+        self.remember_clocks()
+
+    def _speculative_round(self) -> None:
         seqs, k = self.running, self.k
         t0 = time.perf_counter()
         proposal = self.speculator.propose(seqs, k)
         t1 = time.perf_counter()
         last = torch.tensor([[s.last_token] for s in seqs])
         ids = torch.cat([last, proposal.tokens], 1).to(self.target.device)
-        logits = self.target(ids, self.cache)  # [B, K+1, V]
+        states = None
+        if self.wants_target_states:
+            logits, states = self.target(ids, self.cache, return_hidden=True)  # [B, K+1, V], [B, K+1, H]
+        else:
+            logits = self.target(ids, self.cache)  # [B, K+1, V]
         accepted, emitted, logp = verify_round(logits, seqs, proposal.tokens,
                                                lambda p: None if proposal.q is None else proposal.q.to(p.dtype))
         t2 = time.perf_counter()
@@ -68,7 +120,7 @@ class SDEngine(Engine):
             st.accepted += a
             st.draft_s += t1 - t0
             st.verify_s += t2 - t1
-        self.speculator.commit(accepted_list)
+        self.speculator.commit(accepted_list, states)
         self.totals["rounds"] += 1
         self.totals["draft_s"] += t1 - t0
         self.totals["verify_s"] += t2 - t1
@@ -88,8 +140,17 @@ def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_s
         draft_model = load_draft(path, target, tokenizer)
         if draft_model.device.type == "cpu" and cpu_kernels.loaded():  # loaded with the target's compiled step
             use_kernels(draft_model, cache_root() / "kernels")
-        speculator = NeuralSpeculator(draft_model, target.config.vocab_size)
-        return SDEngine(target, speculator, k, stop, max_batch_size)
+        make = FeatureSpeculator if isinstance(draft_model, FeatureDraft) else NeuralSpeculator
+        speculator = make(draft_model, target.config.vocab_size)
+        auto = ssd is not None and ssd.auto
+        engine = SDEngine(target, speculator, k, stop, max_batch_size,
+                          round_rule=MeasuredRounds(speculative="sd") if auto else None)
+        if auto:
+            remember_auto_clocks(engine, target, target_path, path, k)
+        return engine
     if mode == "ssd":
+        if is_feature_checkpoint(path):
+            raise ValueError(f"{path} is a feature-conditioned draft, which SSD does not run yet (its worker "
+                             "would need the target's hidden states): use mode 'sd'")
         return make_ssd_engine(target, tokenizer, path, target_path, k, stop, max_batch_size, ssd)
     raise ValueError(f"unknown mode {mode!r}")

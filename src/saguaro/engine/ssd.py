@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from saguaro.engine.auto import RoundChoice, RoundRule
+from saguaro.engine.auto_memory import RemembersClocks
 from saguaro.engine.base import Engine, decode_one_token
 from saguaro.engine.scoring import emitted_logprobs, verify_round
 from saguaro.models.transformer import CausalLM
@@ -62,7 +63,7 @@ def _threads() -> list[int]:
         return [0]
 
 
-class SSDEngine(Engine):
+class SSDEngine(RemembersClocks, Engine):
     mode = "ssd"
 
     def __init__(self, target: CausalLM, drafter: Drafter, k: int, stop_token_ids: set[int],
@@ -149,7 +150,7 @@ class SSDEngine(Engine):
                       [s.params for s in seqs], [s.params.seed for s in seqs])
         self._prefilling = []
 
-    def on_prefill(self, seqs, ids, lengths, cache) -> None:
+    def on_prefill(self, seqs, ids, lengths, cache, states=None) -> None:
         for s in seqs:
             self.sent[s.id] = len(s.prompt_ids)
         if self.round_rule is not None and (self._round_mode == "ar" or not self._drafter_synced):
@@ -191,6 +192,7 @@ class SSDEngine(Engine):
             self._speculative_round()
         emitted = sum(len(s.output_ids) for s in seqs) - before
         self.round_rule.observe(choice, len(seqs), sampled, time.perf_counter() - t0, emitted)
+        self.round_observed()
 
     def _choose(self, seqs) -> RoundChoice:
         return self.round_rule(len(seqs), sum(not s.params.greedy for s in seqs))
@@ -278,6 +280,7 @@ class SSDEngine(Engine):
                 st.accepted_on_miss += accepted
 
     def close(self) -> None:
+        self.remember_clocks()
         self.drafter.close()
         if self.cores is not None:  # give the target back the cores the worker had
             self.cores.pin_target(alone=True)

@@ -8,9 +8,10 @@ import os
 
 import torch
 
+from saguaro.engine import auto_memory
 from saguaro.engine.auto import MeasuredRounds
 from saguaro.engine.ssd import CoreSplit, SSDEngine
-from saguaro.loader import resolve_checkpoint
+from saguaro.loader import cache_root, resolve_checkpoint
 from saguaro.speculators.draft import check_draft_checkpoint, load_draft
 from saguaro.ssd.client import WORKER_TIMEOUT_S, RemoteDrafter, WorkerError
 from saguaro.ssd.drafter import SSDDrafter
@@ -82,7 +83,27 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k: int, stop: se
                        round_rule=MeasuredRounds() if o.auto else None)
     engine.degraded = degraded
     engine.cores = cores_split
+    if o.auto:
+        remember_auto_clocks(engine, target, target_path, draft_path, k)
     return engine
+
+
+def remember_auto_clocks(engine, target, target_path, draft_path, k: int) -> None:
+    """Start mode auto's round rule from the clocks an earlier process measured on this setup, and
+    have the engine (a RemembersClocks) remember its own (engine/auto_memory.py)."""
+    key = auto_memory.setup_key(
+        mode=engine.round_rule.speculative, cores=len(available_cores()), threads=torch.get_num_threads(),
+        split=getattr(engine, "cores", None) is not None,
+        target=auto_memory.file_identity(target_path), draft=auto_memory.file_identity(resolve_checkpoint(draft_path)),
+        k=k, dtype=str(target.dtype), compiled=target.compiled is not None, degraded=getattr(engine, "degraded", None) is not None,
+        blocks=sorted({m.block_format for m in target.modules() if getattr(m, "block_format", None)}))
+    directory = cache_root() / "auto"
+    clocks = auto_memory.load(directory, key)
+    if clocks:
+        engine.round_rule.recall(clocks)
+        log.info("mode auto: starting from the clocks measured before on this setup (%s)",
+                 ", ".join(f"{name} {1 / s:.1f} tok/s" for name, s in sorted(clocks.items())))
+    engine.auto_memory = (directory, key)
 
 
 def _start_worker(target, draft_path, target_path, k: int, policy: SaguaroPolicy, o: SSDOptions,

@@ -65,8 +65,8 @@ class _Step(nn.Module):
             out = attend(q, k, v, k_cache, v_cache, i, slots, mask)
             h = h + layer.attn.o(out.transpose(1, 2).reshape(b, t, -1))
             h = h + layer.mlp(layer.mlp_norm(h))
-        h = torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
-        return m.lm_head(m.norm(h)).float()
+        h = m.norm(torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1])))
+        return m.lm_head(h).float(), h  # the states too: a feature draft reads them
 
 
 @dataclass
@@ -132,7 +132,8 @@ class CompiledStep:
     def accepts(self, rows: int, tokens: int) -> bool:
         return rows == 1 and (tokens, torch.get_num_threads()) in self._runners
 
-    def __call__(self, ids, cos, sin, slots, mask, logits_at, k_cache, v_cache) -> torch.Tensor:
+    def __call__(self, ids, cos, sin, slots, mask, logits_at, k_cache, v_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 logits, final-norm hidden states) at the `logits_at` positions."""
         self.stats.compiled_calls += 1
         args = (ids, cos, sin, slots, mask, logits_at, k_cache, v_cache)
         return self._runners[ids.shape[1], torch.get_num_threads()](*(a.contiguous() for a in args))

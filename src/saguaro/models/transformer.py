@@ -63,6 +63,7 @@ class CausalLM(nn.Module):
         mask: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
         return_hidden: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ):
         """Run `input_ids` [B, T] against `cache` and return logits [B, T', V_out].
 
@@ -70,6 +71,8 @@ class CausalLM(nn.Module):
         slots: cache slot each token's K/V goes to (default: its position).
         mask: [B, T, S] bool, which slots each token may attend to (default: causal by position).
         logits_at: [B, n] indices into T whose logits are wanted (the head is the costly matmul).
+        inputs_embeds: [B, T, H] the first layer's inputs in place of the token embeddings.
+        return_hidden: also return the final-norm hidden states at the `logits_at` positions.
         """
         b, t = input_ids.shape
         if positions is None:
@@ -82,19 +85,39 @@ class CausalLM(nn.Module):
             mask = torch.arange(span, device=input_ids.device) <= positions[:, :, None]
         cos, sin = self.rotary(positions, int(positions.max()), self.dtype)
         mask = mask[:, None]  # broadcast over heads
-        if self.compiled is not None and not return_hidden and self.compiled.accepts(b, t):
+        if self.compiled is not None and inputs_embeds is None and self.compiled.accepts(b, t):
             wanted = logits_at if logits_at is not None else torch.arange(t, device=input_ids.device).expand(b, t)
-            return self.compiled(input_ids, cos, sin, slots, mask, wanted, cache.k, cache.v)
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer(h, cos, sin, cache, slots, mask)
+            logits, h = self.compiled(input_ids, cos, sin, slots, mask, wanted, cache.k, cache.v)
+            return (logits, h) if return_hidden else logits
+        h = self._trunk(self.embed(input_ids) if inputs_embeds is None else inputs_embeds, cos, sin, cache, slots,
+                        mask)
         if logits_at is not None:
             h = torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
         h = self.norm(h)
-        logits = self.lm_head(h)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
+        logits = self.logits_of(h)
         return (logits, h) if return_hidden else logits
+
+    def logits_of(self, states: torch.Tensor) -> torch.Tensor:
+        """The head over final-norm hidden states, as float32 logits."""
+        logits = self.lm_head(states)
+        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+    def _trunk(self, h, cos, sin, cache, slots, mask):
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, slots, mask)
+        return h
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The final-norm hidden state [B, T, H] of every token (what the head multiplies), appended to
+        `cache` after each row's committed length; eager. A feature-conditioned draft reads these."""
+        b, t = input_ids.shape
+        positions = cache.lengths[:, None] + torch.arange(t, device=input_ids.device)
+        span = _attention_span(int(positions.max()) + 1)
+        cache.ensure_capacity(span)
+        mask = (torch.arange(span, device=input_ids.device) <= positions[:, :, None])[:, None]
+        cos, sin = self.rotary(positions, int(positions.max()), self.dtype)
+        return self.norm(self._trunk(self.embed(input_ids), cos, sin, cache, positions, mask))
 
     def forward_train(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits for every position of right-padded input_ids [B, T], with autograd and no cache."""

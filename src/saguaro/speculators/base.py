@@ -53,14 +53,25 @@ def right_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Speculator:
-    def prefill(self, seqs: list[Row], ids: torch.Tensor, lengths: torch.Tensor) -> None:
-        """New sequences (prompts in `ids`, right-padded) join the batch as rows at the end."""
+    # Whether the engine passes the target's final-norm hidden states to `prefill` and `commit` (a
+    # feature-conditioned draft reads them; they cost the engine nothing it does not compute anyway).
+    needs_target_states = False
+
+    def prefill(self, seqs: list[Row], ids: torch.Tensor, lengths: torch.Tensor,
+                states: torch.Tensor | None = None) -> None:
+        """New sequences (prompts in `ids`, right-padded) join the batch as rows at the end; states
+        [B, T, H]: the target's at every prompt position (when `needs_target_states`)."""
 
     def propose(self, seqs: list[Row], k: int) -> Proposal:
         raise NotImplementedError
 
-    def commit(self, accepted: list[int]) -> None:
-        """Row i's first accepted[i] proposed tokens were kept (then the target emitted one of its own)."""
+    def commit(self, accepted: list[int], states: torch.Tensor | None = None) -> None:
+        """Row i's first accepted[i] proposed tokens were kept (then the target emitted one of its own);
+        states [B, K+1, H]: the target's at the verified positions (when `needs_target_states`)."""
+
+    def decoded_plainly(self, states: torch.Tensor | None = None) -> None:
+        """The target decoded one token per row without speculating (mode auto's AR rounds); states
+        [B, 1, H]: its state at each row's fed token (when `needs_target_states`)."""
 
     def retire(self, keep: list[int]) -> None:
         """Only rows `keep` remain, in this order."""

@@ -8,7 +8,16 @@ from pathlib import Path
 import torch
 
 from saguaro.loader import CheckpointError, load_model, resolve_checkpoint
+from saguaro.models.feature_draft import FEATURE_DRAFT_KEY
 from saguaro.models.transformer import CausalLM
+
+
+def is_feature_checkpoint(path) -> bool:
+    """Whether a draft checkpoint is a feature-conditioned draft (it reads the target's hidden states)."""
+    if path in (None, "ngram"):
+        return False
+    config = resolve_checkpoint(path) / "config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get(FEATURE_DRAFT_KEY))
 
 
 def check_vocabulary_size(draft_vocab: int, target_vocab: int) -> None:

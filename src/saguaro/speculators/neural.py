@@ -47,7 +47,7 @@ class NeuralSpeculator(Speculator):
         self.cache = None
         self._k = 0
 
-    def prefill(self, seqs, ids, lengths) -> None:
+    def prefill(self, seqs, ids, lengths, states=None) -> None:
         cache = self.draft.new_cache(len(lengths), int(lengths.max()) + 64)
         self.draft(ids.to(self.draft.device), cache, logits_at=(lengths - 1)[:, None])
         cache.lengths[:] = lengths
@@ -90,7 +90,7 @@ class NeuralSpeculator(Speculator):
         self._k = k
         return Proposal(tokens, None if greedy else self.to_target_vocab(torch.stack(qs, 1)))
 
-    def commit(self, accepted: list[int]) -> None:
+    def commit(self, accepted: list[int], states=None) -> None:
         extra = torch.tensor([min(a, self._k - 1) for a in accepted], device=self.cache.lengths.device)
         self.cache.lengths += extra - (self._k - 1)
 

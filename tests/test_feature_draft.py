@@ -252,3 +252,39 @@ def test_sampled_auto_sd_with_a_feature_draft_follows_target_distribution():
              round_rule=_Switching("sd")).run(seqs)
     samples = [tuple(s.output_ids) for s in seqs]
     assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) > 0.01
+
+
+# --------------------------------------------------------------------------- a saved feature draft, end to end
+
+@pytest.fixture(scope="module")
+def feature_draft_dir(embedded, tmp_path_factory):
+    from saguaro.distill.draft import save_draft
+
+    _, target, _ = embedded
+    path = tmp_path_factory.mktemp("feature-draft")
+    save_draft(feature_draft(target, 0, list(range(4096)), noise=0.01), path, dtype=torch.float32)
+    return path
+
+
+def test_a_saved_feature_draft_loads_as_one_and_runs_sd_exactly(embedded, feature_draft_dir):
+    from saguaro import LLM
+    from saguaro.loader import load_model
+    from saguaro.models.feature_draft import FeatureDraft
+    from saguaro.speculators.draft import is_feature_checkpoint
+
+    _, target, _ = embedded
+    assert is_feature_checkpoint(feature_draft_dir) and not is_feature_checkpoint("ngram")
+    loaded = load_model(feature_draft_dir, embeddings_from=target)
+    assert isinstance(loaded, FeatureDraft) and loaded.fuse.weight.abs().sum() > 0
+    prompts_ = ["def fibonacci(n):", "The capital of France is"]
+    params = SamplingParams(temperature=0, max_tokens=16)
+    with LLM(mode="ar", compile=False) as ar, LLM(mode="sd", draft=str(feature_draft_dir), compile=False) as sd:
+        want = [o.token_ids for o in ar.generate(prompts_, params)]
+        outs = sd.generate(prompts_, params)
+        assert [o.token_ids for o in outs] == want
+        assert sum(o.metrics.get("rounds", 0) for o in outs) > 0
+    with pytest.raises(ValueError, match="feature-conditioned"):
+        LLM(mode="ssd", draft=str(feature_draft_dir), compile=False)
+    with LLM(draft=str(feature_draft_dir), compile=False) as auto:  # mode auto: SD or AR per round
+        out = auto.generate(prompts_[:1], params)[0]
+        assert out.token_ids == want[0] and out.metrics["mode"] in ("sd", "ar", "sd+ar")

@@ -240,13 +240,13 @@ def bench(llm, modes: list[str], datasets: list[str], num_prompts: int, max_toke
                    "temperature": temperature, "k": k, "batch_size": batch_size, "seed": seed,
                    "threads": torch.get_num_threads(), "dtype": str(llm.target.dtype).removeprefix("torch."),
                    "weights": getattr(llm, "weights", "dense"),
-                   "compiled": llm.target.compiled is not None, "cpu": _cpu_flags(),
+                   "compiled": llm.target.compiled is not None, "cpu": cpu_flags(),
                    "ssd": ssd.as_json() if "ssd" in modes else None},
         "results": results,
     }
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     """The CPU model and the vector flags that decide kernel speed, to sit beside every number."""
     try:
         text = open("/proc/cpuinfo").read()

@@ -192,3 +192,45 @@ def test_measured_rule_waits_longer_each_time_the_slower_mode_stays_slower():
     assert len(gaps) >= 4
     assert gaps[1] > 1.5 * gaps[0] and gaps[2] > 1.5 * gaps[1]  # doubling
     assert gaps[-1] == gaps[-2]  # capped at max_backoff
+
+
+class _FailsOnPrefill:
+    """A drafter whose worker is lost at its `after`-th prefill (a resync after AR rounds, say)."""
+
+    def __init__(self, inner, after: int):
+        self.inner, self.after, self.prefills = inner, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def prefill(self, *args):
+        self.prefills += 1
+        if self.prefills >= self.after:
+            from saguaro.ssd.client import WorkerError
+
+            raise WorkerError("worker lost (test)")
+        self.inner.prefill(*args)
+
+
+@pytest.mark.parametrize("first", ["ar", "ssd"])
+def test_a_worker_lost_while_auto_resyncs_finishes_on_the_local_draft_equal_to_ar(first):
+    """The worker fails on the drafter's first prefill: a resync after AR rounds (the rows being prefilled
+    are the running ones again: the local drafter must get each once), or the prefill of new rows."""
+    from saguaro.ssd.protocol import LocalDrafter
+
+    params = SamplingParams(temperature=0, max_tokens=24)
+    target = tiny_model(3, VOCAB)
+    draft = perturbed(target, 3, 0.05)
+    k = 3
+
+    def local():
+        return LocalDrafter(SSDDrafter(draft, VOCAB, k, [0] * (k + 1)))
+
+    for batch in (1, 3):
+        ps = prompts(40 + batch, batch)
+        want, _ = run(AREngine(target, STOP), ps, params)
+        inner = local()
+        engine = SSDEngine(target, _FailsOnPrefill(inner, 1), k, STOP, local_fallback=local,
+                           policy=inner.fixed_policy(), round_rule=Alternating(first, period=2))
+        got, _ = run(engine, ps, params)
+        assert got == want and engine.degraded is not None

@@ -125,7 +125,8 @@ class SSDEngine(RemembersClocks, Engine):
             pass
         self.drafter = self.local_fallback()
         self.local_fallback = None
-        seqs = self.running + [s for s in self._prefilling]
+        # the rows being prefilled: new ones, or (a resync) the running ones again, listed once
+        seqs = self.running + [s for s in self._prefilling if all(s is not r for r in self.running)]
         if seqs and self._drafter_synced:  # the local drafter starts from what the worker had been told
             self.drafter.prefill([s.id for s in seqs], [s.all_ids[: self.sent[s.id]] for s in seqs],
                                  [s.params for s in seqs], [s.params.seed for s in seqs])

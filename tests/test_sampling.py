@@ -52,6 +52,33 @@ def test_seeded_sample_reproducible_and_distributed_as_p():
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.015)
 
 
+def test_sample_never_draws_a_zero_probability_token_and_follows_p_unnormalised():
+    """Inverse-CDF sampling: zero-mass tokens (leading, inner, trailing) are never drawn, an unnormalised row
+    (a residual before normalising) is drawn in proportion, seeded or not; a chi-square test on 40k draws."""
+    from scipy.stats import chisquare
+
+    row = torch.tensor([0.0, 0.2, 0.0, 0.0, 0.5, 0.1, 0.0, 0.4, 0.0]) * 0.37
+    n = 40_000
+    p = row.expand(n, -1).contiguous()
+    for gens in ([None] * n, [torch.Generator().manual_seed(i) for i in range(n)]):
+        drawn = sample(p, gens)
+        counts = torch.bincount(drawn, minlength=len(row))
+        assert counts[row == 0].sum() == 0
+        support = row > 0
+        expected = (row[support] / row.sum() * n).double()
+        assert chisquare(counts[support].double().numpy(), expected.numpy()).pvalue > 0.01
+
+
+def test_sample_negative_control_a_shifted_cdf_fails():
+    """The chi-square test above has the power to see an off-by-one in the search (every draw one token later)."""
+    from scipy.stats import chisquare
+
+    row = torch.tensor([0.2, 0.5, 0.1, 0.2])
+    drawn = (sample(row.expand(40_000, -1).contiguous(), [None] * 40_000) + 1) % 4
+    counts = torch.bincount(drawn, minlength=4).double()
+    assert chisquare(counts.numpy(), (row * 40_000).double().numpy()).pvalue < 0.01
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.01), dict(max_tokens=0),
                                 dict(top_k=-2)])
 def test_invalid_params_are_refused(kw):

@@ -221,20 +221,29 @@ def token_logprobs(logprobs: torch.Tensor, tokens: list[list[int]], top: list[in
 def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of probs [N, V], each row drawing from its own generator.
 
-    Uses the exponential race (argmax p/E with E ~ Exp(1)), which samples exactly from p and
-    lets every row keep its own seeded stream. One-hot rows (greedy) draw no noise at all.
+    Inverse-CDF sampling: one uniform draw u per row, the token is the first whose float64 cumulative
+    mass exceeds u times the row's total. Exact up to float64 rounding of the cumulative sums; a token
+    of zero probability is never drawn (its interval is empty). Every row keeps its own seeded stream
+    and spends one draw per token: the exponential race used before drew V numbers per token, 0.3-1 ms
+    of a sampled round's draft and verification steps on a CPU. One-hot rows (greedy) draw no noise.
     """
     out = probs.argmax(-1)
     random_rows = (probs.amax(-1) < 1.0).nonzero()[:, 0].tolist()
+    if not random_rows:
+        return out
     unseeded = [i for i in random_rows if generators[i] is None]
+    u = torch.empty(len(random_rows), dtype=torch.float64)
     if unseeded:
-        rows = torch.tensor(unseeded, device=probs.device)
-        p = probs[rows]
-        out[rows] = (p / torch.empty_like(p).exponential_()).argmax(-1)
-    for i in random_rows:
+        u[[random_rows.index(i) for i in unseeded]] = torch.rand(len(unseeded), dtype=torch.float64)
+    for j, i in enumerate(random_rows):
         if generators[i] is not None:  # seeded streams are CPU generators: the same draws on every device
-            noise = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(generator=generators[i])
-            out[i] = (probs[i] / noise.to(probs.device)).argmax(-1)
+            u[j] = torch.rand(1, generator=generators[i], dtype=torch.float64)[0]
+    rows = torch.tensor(random_rows, device=probs.device)
+    cdf = probs[rows].double().cumsum(-1)
+    total = cdf[:, -1:]
+    # strictly below the total, so the first index whose cumulative mass exceeds it has mass of its own
+    x = torch.minimum(u.to(probs.device)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    out[rows] = torch.searchsorted(cdf, x, right=True)[:, 0]
     return out
 
 

@@ -288,3 +288,21 @@ def test_a_saved_feature_draft_loads_as_one_and_runs_sd_exactly(embedded, featur
     with LLM(draft=str(feature_draft_dir), compile=False) as auto:  # mode auto: SD or AR per round
         out = auto.generate(prompts_[:1], params)[0]
         assert out.token_ids == want[0] and out.metrics["mode"] in ("sd", "ar", "sd+ar")
+
+
+def test_auto_remembers_its_clocks_for_the_next_process_on_the_same_setup(feature_draft_dir, monkeypatch, tmp_path):
+    """What one LLM's mode auto measured, the next one on the same setup starts from (engine/auto_memory.py)."""
+    from saguaro import LLM
+    from saguaro.engine import ssd_setup
+
+    monkeypatch.setenv("SAGUARO_AUTO_MEMORY", "1")
+    monkeypatch.setattr(ssd_setup, "cache_root", lambda: tmp_path)
+    params = SamplingParams(temperature=0, max_tokens=12)
+    with LLM(draft=str(feature_draft_dir), compile=False) as first:
+        assert first.mode == "auto" and not first.engine.round_rule.clocks  # nothing to start from
+        first.generate("def add(a, b):", params)
+    assert (tmp_path / "auto" / "clocks.json").is_file()
+    with LLM(draft=str(feature_draft_dir), compile=False) as second:
+        recalled = second.engine.round_rule.remembered()
+        assert set(recalled) == {"greedy/sd", "greedy/ar"}
+        assert "measuring" not in second.engine.round_rule(1, 0).reason  # it chooses from its first round

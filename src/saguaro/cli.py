@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--layers", help="target layers to initialise the draft from, e.g. 0,1")
     d.add_argument("--head-vocab", type=_positive_int, default=8192, help="draft output vocabulary size")
-    d.add_argument("--phase", choices=["all", "teacher", "teacher-force", "teacher-features", "train", "eval"], default="all",
+    d.add_argument("--phase", choices=["all", "teacher", "teacher-force", "teacher-features", "train", "eval"],
+                   default="all",
                    help="teacher: generate on-policy data; teacher-force: the target scores --corpus text; "
                         "teacher-features: the same, keeping the bf16 target's hidden states; "
                         "train; eval; all: generate and train in one process (default)")

@@ -104,7 +104,8 @@ def use_file_weights(model, path: Path, weights: str, kernel_dir: Path) -> str:
     if path.suffix.lower() != ".gguf":
         why_not = f"{path} is not a .gguf file"
     elif model.dtype != torch.bfloat16:
-        why_not = f"the model runs in {str(model.dtype).removeprefix('torch.')} (the block kernels take bfloat16 activations)"
+        dtype = str(model.dtype).removeprefix("torch.")
+        why_not = f"the model runs in {dtype} (the block kernels take bfloat16 activations)"
     elif not cpu_kernels.load(kernel_dir):
         why_not = "saguaro's CPU kernels need AVX512_BF16 and a C++ compiler"
     blocks = {} if why_not else read_blocks(path, cpu_kernels.BLOCK_FORMATS)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,28 @@ REMEMBER_EVERY = 200  # auto rounds between writes (a server may be killed rathe
 
 
 class RemembersClocks:
-    """For an engine with a round rule: `auto_memory` (directory, key) says where its clocks are kept."""
+    """For an engine with a round rule (mode auto): one measured round, and where its clocks are kept
+    (`auto_memory`: directory, key)."""
 
     round_rule = None
     auto_memory: tuple[Path, str] | None = None
     _auto_rounds = 0
 
-    def round_observed(self) -> None:
+    def measured_round(self, seqs: list, speculative: str, run) -> None:
+        """Ask the round rule which mode `seqs` run now, run it (`run(choice)`), and tell the rule how long
+        it took and how many tokens it emitted."""
+        sampled = sum(not s.params.greedy for s in seqs)
+        choice = self.round_rule(len(seqs), sampled)
+        before = sum(len(s.output_ids) for s in seqs)
+        t0 = time.perf_counter()
+        for s in seqs:
+            s.stats.auto_reason, s.stats.speculative_mode = choice.reason, speculative
+        run(choice)
+        if choice.mode == "ar":
+            for s in seqs:
+                s.stats.ar_rounds += 1
+        emitted = sum(len(s.output_ids) for s in seqs) - before
+        self.round_rule.observe(choice, len(seqs), sampled, time.perf_counter() - t0, emitted)
         self._auto_rounds += 1
         if self._auto_rounds % REMEMBER_EVERY == 0:
             self.remember_clocks()

@@ -175,12 +175,16 @@ class AREngine(Engine):
         decode_one_token(self.target, self.cache, self.running, self.stop_ids)
 
 
-def decode_one_token(target: CausalLM, cache: KVCache, seqs: list[Sequence], stop_ids: set[int]) -> None:
-    """One AR round: one target forward for every row, one token sampled from p per row."""
+def decode_one_token(target: CausalLM, cache: KVCache, seqs: list[Sequence], stop_ids: set[int],
+                     return_states: bool = False) -> torch.Tensor | None:
+    """One AR round: one target forward for every row, one token sampled from p per row; with
+    `return_states`, the target's final-norm states [B, 1, H] at the fed tokens (a feature draft reads them)."""
     ids = torch.tensor([[s.last_token] for s in seqs], device=target.device)
-    logits = target(ids, cache)[:, -1]
+    out = target(ids, cache, return_hidden=return_states)
+    logits, states = out if return_states else (out, None)
     cache.lengths += 1
-    append_sampled(seqs, logits, stop_ids)
+    append_sampled(seqs, logits[:, -1], stop_ids)
+    return states
 
 
 def append_sampled(seqs: list[Sequence], logits: torch.Tensor, stop_ids: set[int]) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from saguaro.engine.auto import MeasuredRounds, RoundRule
 from saguaro.engine.auto_memory import RemembersClocks
-from saguaro.engine.base import Engine, append_sampled
+from saguaro.engine.base import Engine, decode_one_token
 from saguaro.engine.scoring import emitted_logprobs, verify_round
 from saguaro.engine.ssd_setup import make_ssd_engine, remember_auto_clocks
 from saguaro.loader import CheckpointError
@@ -61,34 +61,14 @@ class SDEngine(RemembersClocks, Engine):
         if self.round_rule is None:
             self._speculative_round()
             return
-        seqs = list(self.running)
-        sampled = sum(not s.params.greedy for s in seqs)
-        choice = self.round_rule(len(seqs), sampled)
-        before = sum(len(s.output_ids) for s in seqs)
-        t0 = time.perf_counter()
-        for s in seqs:
-            s.stats.auto_reason, s.stats.speculative_mode = choice.reason, "sd"
-        if choice.mode == "ar":
-            self._plain_round(seqs)
-        else:
-            self._speculative_round()
-        emitted = sum(len(s.output_ids) for s in seqs) - before
-        self.round_rule.observe(choice, len(seqs), sampled, time.perf_counter() - t0, emitted)
-        self.round_observed()
+        self.measured_round(list(self.running), "sd", lambda choice: self._plain_round()
+                            if choice.mode == "ar" else self._speculative_round())
 
-    def _plain_round(self, seqs) -> None:
+    def _plain_round(self) -> None:
         """One token per row, no speculation; the speculator hears of it (a feature draft keeps the state)."""
-        ids = torch.tensor([[s.last_token] for s in seqs], device=self.target.device)
-        states = None
-        if self.wants_target_states:
-            logits, states = self.target(ids, self.cache, return_hidden=True)
-        else:
-            logits = self.target(ids, self.cache)
-        self.cache.lengths += 1
-        append_sampled(seqs, logits[:, -1], self.stop_ids)
+        states = decode_one_token(self.target, self.cache, self.running, self.stop_ids,
+                                  return_states=self.wants_target_states)
         self.speculator.decoded_plainly(states)
-        for s in seqs:
-            s.stats.ar_rounds += 1
 
     def close(self) -> None:
         self.remember_clocks()

@@ -175,25 +175,19 @@ class SSDEngine(RemembersClocks, Engine):
             self._speculative_round()
             return
         seqs = list(self.running)
-        choice = self._choose(seqs)
-        sampled = sum(not s.params.greedy for s in seqs)
-        before = sum(len(s.output_ids) for s in seqs)
-        t0 = time.perf_counter()
-        self._enter(choice.mode)
-        for s in seqs:
-            s.stats.auto_reason = choice.reason
-        if choice.mode == "ar":
-            decode_one_token(self.target, self.cache, seqs, self.stop_ids)
-            for s in seqs:  # no speculation was verified: the drafter's tree for these rows is stale
-                s.stats.ar_rounds += 1
-                self.outcome.pop(s.id, None)
-        else:
+
+        def run(choice: RoundChoice) -> None:
+            self._enter(choice.mode)
+            if choice.mode == "ar":
+                decode_one_token(self.target, self.cache, seqs, self.stop_ids)
+                for s in seqs:  # no speculation was verified: the drafter's tree for these rows is stale
+                    self.outcome.pop(s.id, None)
+                return
             if not self._drafter_synced:
                 self._resync_drafter()
             self._speculative_round()
-        emitted = sum(len(s.output_ids) for s in seqs) - before
-        self.round_rule.observe(choice, len(seqs), sampled, time.perf_counter() - t0, emitted)
-        self.round_observed()
+
+        self.measured_round(seqs, "ssd", run)
 
     def _choose(self, seqs) -> RoundChoice:
         return self.round_rule(len(seqs), sum(not s.params.greedy for s in seqs))

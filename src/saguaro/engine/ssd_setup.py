@@ -93,9 +93,9 @@ def remember_auto_clocks(engine, target, target_path, draft_path, k: int) -> Non
     have the engine (a RemembersClocks) remember its own (engine/auto_memory.py)."""
     key = auto_memory.setup_key(
         mode=engine.round_rule.speculative, cores=len(available_cores()), threads=torch.get_num_threads(),
-        split=getattr(engine, "cores", None) is not None,
-        target=auto_memory.file_identity(target_path), draft=auto_memory.file_identity(resolve_checkpoint(draft_path)),
-        k=k, dtype=str(target.dtype), compiled=target.compiled is not None, degraded=getattr(engine, "degraded", None) is not None,
+        split=getattr(engine, "cores", None) is not None, target=auto_memory.file_identity(target_path),
+        draft=auto_memory.file_identity(resolve_checkpoint(draft_path)), k=k, dtype=str(target.dtype),
+        compiled=target.compiled is not None, degraded=getattr(engine, "degraded", None) is not None,
         blocks=sorted({m.block_format for m in target.modules() if getattr(m, "block_format", None)}))
     directory = cache_root() / "auto"
     clocks = auto_memory.load(directory, key)

@@ -132,7 +132,8 @@ class CompiledStep:
     def accepts(self, rows: int, tokens: int) -> bool:
         return rows == 1 and (tokens, torch.get_num_threads()) in self._runners
 
-    def __call__(self, ids, cos, sin, slots, mask, logits_at, k_cache, v_cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, ids, cos, sin, slots, mask, logits_at, k_cache, v_cache
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 logits, final-norm hidden states) at the `logits_at` positions."""
         self.stats.compiled_calls += 1
         args = (ids, cos, sin, slots, mask, logits_at, k_cache, v_cache)

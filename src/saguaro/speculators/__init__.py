@@ -6,5 +6,5 @@ from saguaro.speculators.feature import FeatureSpeculator
 from saguaro.speculators.neural import NeuralSpeculator, draft_k
 from saguaro.speculators.ngram import NgramSpeculator
 
-__all__ = ["FeatureSpeculator", "NeuralSpeculator", "NgramSpeculator", "Proposal", "Row", "Speculator", "check_vocabulary", "draft_k",
-           "head_to_vocab", "load_draft", "right_pad"]
+__all__ = ["FeatureSpeculator", "NeuralSpeculator", "NgramSpeculator", "Proposal", "Row", "Speculator",
+           "check_vocabulary", "draft_k", "head_to_vocab", "load_draft", "right_pad"]

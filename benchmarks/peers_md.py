@@ -14,6 +14,7 @@ FILES = {  # file stem -> how our rows in it ran
     "peers_bf16": "bfloat16 x file's Q4_1/Q8_0 blocks, compiled (default)",
     "peers_bf16_dense": "bfloat16 x dense weights, compiled",
     "peers_bf16_eager": "bfloat16 x file's blocks, eager",
+    "peers_int8": "int8 activations x file's blocks (--weights file-int8), compiled",
 }
 PEERS = {"llamacpp": "llama.cpp Q4_1", "llamacpp-f32": "llama.cpp F32", "hf": "transformers float32"}
 
@@ -72,6 +73,44 @@ def peers_section(results: Path) -> list[str]:
             lines.append(f"| {r['threads']} | {r['gb_per_s']:.1f} | {r['precision']} | {r['weight_mb']:.0f} | "
                          f"{r['floor_ms_per_token']:.1f} | {1000 / r['floor_ms_per_token']:.0f} |")
     lines += ["", "![decode tokens/s per engine](results/peers.png)"] + block_linear_lines(results)
+    return lines + int8_lines(results)
+
+
+def int8_lines(results: Path) -> list[str]:
+    """The int8-activation path (`--weights file-int8`) against the default's bfloat16 activations: the
+    compiled step at 1 and 5 tokens, and what the activations' quantization costs in quality."""
+    runs = [json.loads(p.read_text()) for p in sorted(results.glob("forward_paths_int8_*t.json"))]
+    quality = results / "activation_quality.json"
+    if not runs:
+        return []
+    lines = ["", "### Int8 activations (`--weights file-int8`)", "",
+             "The file's blocks multiplied with the activations quantized to int8 per block of 32, as llama.cpp "
+             "does (`csrc/int8_block_linear.cpp`, VPDPBUSD), against the default's bfloat16 activations: the "
+             "compiled step of the embedded target, KV cache of 300 tokens, the two paths taking turns call by call "
+             f"(`{runs[0]['meta']['command'].replace('--threads 1', '--threads N')}`).", "",
+             "| threads | activations | 1 token ms | 5 tokens ms | 5 tokens / 1 token | 1 token x default | "
+             "5 tokens x default |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        rows = {r["weights"]: r for r in run["rows"]}
+        base = rows.get("file")
+        for name, label in (("file", "bfloat16 (default)"), ("file-int8", "int8")):
+            r = rows.get(name)
+            if r is None or base is None:
+                continue
+            lines.append(f"| {r['threads']} | {label} | {r['compiled_1_ms']:.2f} | {r['compiled_5_ms']:.2f} | "
+                         f"{r['compiled_5_ms'] / r['compiled_1_ms']:.2f} | "
+                         f"{base['compiled_1_ms'] / r['compiled_1_ms']:.2f} | "
+                         f"{base['compiled_5_ms'] / r['compiled_5_ms']:.2f} |")
+    if quality.is_file():
+        q = json.loads(quality.read_text())
+        lines += ["", f"What it costs (`{q['meta']['command']}`): held-out prompts scored by teacher forcing, every "
+                  "position's next-token distribution against float32 over the same dequantized weights (so only "
+                  "the arithmetic differs, not the weights).", "",
+                  "| dataset | path | positions | top-1 agreement with float32 | mean KL divergence from float32 | "
+                  "perplexity |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in q["rows"]:
+            lines.append(f"| {r['dataset']} | {r['path']} | {r['positions']} | {r['top1_agreement']:.4f} | "
+                         f"{r['mean_kl']:.5f} | {r['perplexity']:.3f} |")
     return lines
 
 

@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--modes", help="a subset of ar,sd-1core,sd-2core,ssd,ssd-no-lookup,auto (default: all)")
     ap.add_argument("--draft", help="draft checkpoint (default: the embedded one); a feature-conditioned draft "
                                     "runs the SD modes and auto (SD or AR), not SSD")
+    ap.add_argument("--weights", default="auto", choices=["auto", "file", "file-int8", "dense"],
+                    help="what the target's linears multiply by (saguaro --weights)")
     ap.add_argument("--json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -91,7 +93,7 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         raise SystemExit("needs two cores")
-    llm = LLM(mode="ar")
+    llm = LLM(mode="ar", weights=args.weights)
     feature = is_feature_checkpoint(args.draft)
     wanted = args.modes.split(",") if args.modes else ["ar", "sd-1core", "sd-2core", "ssd", "ssd-no-lookup", "auto"]
     if feature and {"ssd", "ssd-no-lookup"} & set(wanted):

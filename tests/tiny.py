@@ -36,10 +36,12 @@ def perturbed(model: CausalLM, seed: int, noise: float) -> CausalLM:
     return draft
 
 
-def with_file_blocks(model: CausalLM, kernel_dir, fmt: str = "q4_1", head_fmt: str = "q8_0") -> CausalLM:
+def with_file_blocks(model: CausalLM, kernel_dir, fmt: str = "q4_1", head_fmt: str = "q8_0",
+                     int8_activations: bool = False) -> CausalLM:
     """`model` in bfloat16 with every linear's weight quantized to a GGUF block format as llama.cpp
     writes them (gguf.quants; the output head in `head_fmt`, like a tied Q8_0 embedding): the dense
-    weights become the blocks' values, and the linears multiply by the blocks themselves."""
+    weights become the blocks' values, and the linears multiply by the blocks themselves (with int8
+    activations if asked)."""
     from gguf import GGMLQuantizationType, quants
 
     from saguaro.models.linear import Linear, use_file_blocks
@@ -54,6 +56,6 @@ def with_file_blocks(model: CausalLM, kernel_dir, fmt: str = "q4_1", head_fmt: s
                 module.weight.copy_(torch.from_numpy(quants.dequantize(raw, kind)))
                 blocks[name] = (kind.name.lower(), torch.from_numpy(raw))
     model = model.bfloat16()
-    taken = use_file_blocks(model, blocks, kernel_dir)
+    taken = use_file_blocks(model, blocks, kernel_dir, int8_activations=int8_activations)
     assert sorted(taken) == sorted(blocks), "the CPU kernels did not load"
     return model

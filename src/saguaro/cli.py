@@ -46,9 +46,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=_positive_int, default=4, help="draft tokens per round (default: 4)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64", "bfloat16", "float16"],
                    help="auto (default): bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX), else float32")
-    p.add_argument("--weights", default="auto", choices=["auto", "file", "dense"],
+    p.add_argument("--weights", default="auto", choices=["auto", "file", "file-int8", "dense"],
                    help="for a .gguf target: auto (default) multiplies by the file's Q4_1/Q8_0 blocks as stored "
-                        "where the model runs in bfloat16; dense dequantizes them")
+                        "where the model runs in bfloat16; file-int8 also quantizes the activations to int8 "
+                        "as llama.cpp does (faster, further from float32; needs AVX512_VNNI); dense "
+                        "dequantizes them")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the eager forward (default: decode and verification steps compiled for this CPU, "
                         "built once per machine and cached)")

@@ -91,9 +91,11 @@ def _parse_blocks(gguf_path: Path, formats: tuple[str, ...]) -> dict[str, tuple[
 
 def use_file_weights(model, path: Path, weights: str, kernel_dir: Path) -> str:
     """Have `model` (loaded from `path`) multiply by the file's own blocks where it can; returns what its
-    linears multiply by: "dense", or the block formats taken (e.g. "q4_1+q8_0").
+    linears multiply by: "dense", or the kernel formats taken (e.g. "q4_1+q8_0", "q4_1_i8+q8_0_i8").
 
-    weights: "dense" keeps the dense copy; "auto" takes the blocks where possible; "file" insists on them.
+    weights: "dense" keeps the dense copy; "auto" takes the blocks where possible; "file" insists on them;
+    "file-int8" insists on them with the activations quantized to int8 per block of 32, as llama.cpp
+    does (faster, and further from float32: benchmarks/activation_quality.py).
     """
     from saguaro.models import cpu_kernels
     from saguaro.models.linear import use_file_blocks
@@ -108,12 +110,15 @@ def use_file_weights(model, path: Path, weights: str, kernel_dir: Path) -> str:
         why_not = f"the model runs in {dtype} (the block kernels take bfloat16 activations)"
     elif not cpu_kernels.load(kernel_dir):
         why_not = "saguaro's CPU kernels need AVX512_BF16 and a C++ compiler"
+    elif weights == "file-int8" and not cpu_kernels.int8_supported():
+        why_not = "int8 activations need AVX512_VNNI"
     blocks = {} if why_not else read_blocks(path, cpu_kernels.BLOCK_FORMATS)
-    taken = use_file_blocks(model, blocks, kernel_dir) if blocks else []
+    taken = use_file_blocks(model, blocks, kernel_dir, int8_activations=weights == "file-int8") if blocks else []
     if not taken:
         why_not = why_not or "the file stores none of its linears in Q4_1 or Q8_0"
-        if weights == "file":
-            raise ValueError(f"weights='file' is not possible here: {why_not}")
+        if weights != "auto":
+            raise ValueError(f"weights={weights!r} is not possible here: {why_not}")
         log.info("dense weights: %s", why_not)
         return "dense"
-    return "+".join(sorted({blocks[name][0] for name in taken}))
+    suffix = cpu_kernels.INT8 if weights == "file-int8" else ""
+    return "+".join(sorted({blocks[name][0] + suffix for name in taken}))

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "ar", "sd", "ssd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
-WEIGHTS = ("auto", "file", "dense")
+WEIGHTS = ("auto", "file", "file-int8", "dense")
 
 
 def resolve_dtype(dtype: str, device: str = "cpu") -> str:
@@ -97,7 +97,9 @@ class LLM:
     dtype: "auto" (default) runs bfloat16 where the CPU multiplies it natively, float32 elsewhere.
     weights: for a .gguf target, "auto" (default) multiplies by the file's quantized blocks as stored
     (Q4_1, Q8_0: what llama.cpp reads, 0.6-1.1 bytes per weight) where the model runs in bfloat16 and
-    saguaro's kernels load, "file" insists on that, "dense" dequantizes every weight to `dtype`.
+    saguaro's kernels load, "file" insists on that, "file-int8" also quantizes the activations to int8
+    per block of 32 as llama.cpp does (faster; further from float32, see docs/results.md), "dense"
+    dequantizes every weight to `dtype`.
     compile: run the target's decode and verification steps compiled for this CPU (built once per
     machine, then cached; default on, or $SAGUARO_COMPILE); False keeps the eager forward.
     draft: a checkpoint path, "ngram" for the model-free prompt-lookup speculator, or None for the

@@ -165,6 +165,8 @@ def fingerprint(model: nn.Module) -> str:
             "config": repr(model.config)}
     digest.update(json.dumps(meta, sort_keys=True).encode())
     blocks = {name: m.block_weight for name, m in model.named_modules() if getattr(m, "block_weight", None) is not None}
+    digest.update(json.dumps({name: m.block_format for name, m in model.named_modules()
+                              if getattr(m, "block_weight", None) is not None}, sort_keys=True).encode())
     for name, tensor in sorted([*model.state_dict().items(), *((f"{n}.block_weight", b) for n, b in blocks.items())]):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()

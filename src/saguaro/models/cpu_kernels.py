@@ -32,9 +32,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("dot_linear.cpp", "block_linear.cpp", "attention.cpp", "shims.cpp")]
+           for name in ("dot_linear.cpp", "block_linear.cpp", "int8_block_linear.cpp", "attention.cpp", "shims.cpp")]
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp",
-         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"]
 
 
 def supported() -> bool:
@@ -59,7 +59,7 @@ def load(cache_dir: Path) -> bool:
     torch.library.register_fake("saguaro_cpu::pack_weight")(_packed_shape)
     torch.library.register_fake("saguaro_cpu::packed_linear")(_linear_shape)
     torch.library.register_fake("saguaro_cpu::cached_attention")(_attention_shape)
-    for fmt in BLOCK_FORMATS:
+    for fmt in (*BLOCK_FORMATS, *(f"{f}{INT8}" for f in BLOCK_FORMATS)):
         torch.library.register_fake(f"saguaro_cpu::{fmt}_linear")(_linear_shape)
     return True
 
@@ -79,6 +79,14 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> t
 
 # GGUF block formats the kernels read as they are (by gguf's GGMLQuantizationType name).
 BLOCK_FORMATS = ("q4_1", "q8_0")
+# Suffix of a kernel format whose activations are quantized to int8 (csrc/int8_block_linear.cpp):
+# "q4_1_i8" multiplies by the same Q4_1 blocks as "q4_1", with VPDPBUSD.
+INT8 = "_i8"
+
+
+def int8_supported() -> bool:
+    """Whether this CPU has VPDPBUSD on 512-bit registers (AVX512_VNNI), which the int8 path needs."""
+    return supported() and bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
 
 
 def pack_blocks(fmt: str, raw: torch.Tensor) -> torch.Tensor:
@@ -139,7 +147,7 @@ def aoti_shims() -> dict:
             f"AOTITorchError aoti_torch_cpu_packed_linear({handle} x, {handle} packed, int64_t n, {handle}* out)"],
         **{getattr(torch.ops.saguaro_cpu, f"{fmt}_linear").default: [
             f"AOTITorchError aoti_torch_cpu_{fmt}_linear({handle} x, {handle} packed, int64_t n, {handle}* out)"]
-           for fmt in BLOCK_FORMATS},
+           for fmt in (*BLOCK_FORMATS, *(f"{f}{INT8}" for f in BLOCK_FORMATS))},
         torch.ops.saguaro_cpu.cached_attention.default: [
             f"AOTITorchError aoti_torch_cpu_cached_attention({handle} q, {handle} k, {handle} v, {handle} k_cache, "
             f"{handle} v_cache, int64_t layer, {handle} slots, {handle} mask, {handle}* out)"],

@@ -120,19 +120,26 @@ class Linear(nn.Linear):
         return super()._apply(fn, recurse)
 
 
-def use_file_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], kernel_dir: Path) -> list[str]:
+def use_file_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]], kernel_dir: Path,
+                    int8_activations: bool = False) -> list[str]:
     """Give the model's linears their weights as a GGUF file stores them (`blocks`: module name ->
     (format, raw blocks), as `saguaro.gguf_blocks.read_blocks` returns), for bfloat16 models on CPUs
-    where saguaro's kernels load. Returns the names of the linears that took them."""
+    where saguaro's kernels load. Returns the names of the linears that took them.
+
+    int8_activations: multiply with the activations quantized to int8 per block of 32, as llama.cpp
+    does (csrc/int8_block_linear.cpp; needs AVX512_VNNI), instead of in bfloat16."""
     if model.dtype != torch.bfloat16 or model.device.type != "cpu" or not cpu_kernels.load(kernel_dir):
         return []
+    if int8_activations and not cpu_kernels.int8_supported():
+        return []
+    suffix = cpu_kernels.INT8 if int8_activations else ""
     taken = {}
     for name, module in model.named_modules():
         if isinstance(module, Linear) and name in blocks and blocks[name][0] in cpu_kernels.BLOCK_FORMATS:
             fmt, raw = blocks[name]
             whole_blocks = module.in_features % 32 == 0 and raw.shape[1] % (module.in_features // 32) == 0
             if raw.shape[0] == module.out_features and whole_blocks:
-                module.use_blocks(fmt, raw)
+                module.use_blocks(fmt + suffix, raw)
                 taken[name] = module
     packed = cpu_kernels.on_huge_pages([module.block_weight for module in taken.values()])
     for module, tensor in zip(taken.values(), packed):

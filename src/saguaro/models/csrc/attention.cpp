@@ -47,38 +47,75 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), e);
 }
 
+// out lane j = the sum of the 16 lanes of d[j], by one tree for every j: within each 128-bit lane
+// (x0 + x2) + (x1 + x3), then across them (L0 + L1) + (L2 + L3). Transposing as it adds costs ~3 ops a
+// sum where a horizontal add of each vector costs ~8.
+inline __m512 sum_each(const __m512 (&d)[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_ps(d[2 * i], d[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Which of keys [s0, s0 + n) a row may see, as 16 mask bits.
+inline __mmask16 seen_bits(const bool* allowed, int64_t s0, int64_t n) {
+  const __mmask16 live = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  const __m128i bytes = _mm_maskz_loadu_epi8(live, allowed + s0);
+  return _mm_test_epi8_mask(bytes, bytes);
+}
+
 // R query rows (already in float, D = NV * 16 each) that share one key/value head, against keys
-// [0, S); row r may see key s where allowed[r][s]. Each key and value row is read (and widened) once
-// for all R rows. Per (row, key) the score is one fixed 16-lane dot product and the softmax total
-// sums key s in lane s % 16; values are accumulated key by key in index order. None of that depends
-// on the other rows, so a row's output is the same whatever rows share the call. Keys no row may see
-// are never read.
+// [0, S); row r may see key s where allowed[r][s]. Keys go 16 at a time: each is read (and widened)
+// once for all R rows, and a row's 16 scores are 16 fixed 16-lane dot products summed by sum_each. The
+// softmax total sums key s in lane s % 16; values are accumulated key by key in index order. None of
+// that depends on the other rows, so a row's output is the same whatever rows share the call. Keys no
+// row may see are never read, and a score a row may not see is -inf whatever its key held.
 template <typename T, int NV, int R>
 void attend_rows(const float* const* q, const T* keys, const T* values, const bool* const* allowed, int64_t S,
                  float scale, float* const* scores, T* const* out) {
   constexpr int64_t D = NV * 16;
-  float top[R];
-  for (int r = 0; r < R; ++r) top[r] = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) {
-    bool any = false;
-    for (int r = 0; r < R; ++r) any |= allowed[r][s];
+  const __m512 none = _mm512_set1_ps(-INFINITY), scales = _mm512_set1_ps(scale);
+  __m512 tops[R];
+  for (int r = 0; r < R; ++r) tops[r] = none;
+  alignas(64) float widened[16][D];
+  for (int64_t s0 = 0; s0 < S; s0 += 16) {
+    const int64_t n = std::min<int64_t>(16, S - s0);
+    const __mmask16 live = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    __mmask16 seen[R], any = 0;
+    for (int r = 0; r < R; ++r) any |= seen[r] = seen_bits(allowed[r], s0, n);
     if (!any) {
-      for (int r = 0; r < R; ++r) scores[r][s] = -INFINITY;
+      for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(scores[r] + s0, live, none);
       continue;
     }
-    __m512 kv[NV];
-    for (int i = 0; i < NV; ++i) kv[i] = load16(keys + s * D + 16 * i);
+    for (int j = 0; j < 16; ++j)
+      for (int i = 0; i < NV; ++i)
+        _mm512_store_ps(widened[j] + 16 * i, (any >> j) & 1 ? load16(keys + (s0 + j) * D + 16 * i) : _mm512_setzero_ps());
     for (int r = 0; r < R; ++r) {
-      if (!allowed[r][s]) {
-        scores[r][s] = -INFINITY;
+      if (!seen[r]) {
+        _mm512_mask_storeu_ps(scores[r] + s0, live, none);
         continue;
       }
-      __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(q[r]), kv[0]);
-      for (int i = 1; i < NV; ++i) dot = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + 16 * i), kv[i], dot);
-      scores[r][s] = _mm512_reduce_add_ps(dot) * scale;
-      top[r] = std::max(top[r], scores[r][s]);
+      __m512 dots[16];
+      for (int j = 0; j < 16; ++j) {
+        dots[j] = _mm512_mul_ps(_mm512_loadu_ps(q[r]), _mm512_load_ps(widened[j]));
+        for (int i = 1; i < NV; ++i)
+          dots[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + 16 * i), _mm512_load_ps(widened[j] + 16 * i), dots[j]);
+      }
+      const __m512 chunk = _mm512_mask_blend_ps(seen[r], none, _mm512_mul_ps(sum_each(dots), scales));
+      _mm512_mask_storeu_ps(scores[r] + s0, live, chunk);
+      tops[r] = _mm512_max_ps(tops[r], chunk);
     }
   }
+  float top[R];
+  for (int r = 0; r < R; ++r) top[r] = _mm512_reduce_max_ps(tops[r]);
   float inv[R];
   for (int r = 0; r < R; ++r) {
     const __m512 shift = _mm512_set1_ps(top[r]);

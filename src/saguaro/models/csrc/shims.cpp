@@ -18,6 +18,8 @@ namespace saguaro_cpu {
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n);
 at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n);
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n);
+at::Tensor q4_1_i8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n);
+at::Tensor q8_0_i8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n);
 at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                             at::Tensor& v_cache, int64_t layer, const at::Tensor& slots, const at::Tensor& mask);
 }  // namespace saguaro_cpu
@@ -42,6 +44,20 @@ AOTITorchError aoti_torch_cpu_q8_0_linear(AtenTensorHandle x, AtenTensorHandle p
                                           AtenTensorHandle* out) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
     *out = torch::aot_inductor::new_tensor_handle(saguaro_cpu::q8_0_linear(tensor(x), tensor(packed), n));
+  });
+}
+
+AOTITorchError aoti_torch_cpu_q4_1_i8_linear(AtenTensorHandle x, AtenTensorHandle packed, int64_t n,
+                                             AtenTensorHandle* out) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *out = torch::aot_inductor::new_tensor_handle(saguaro_cpu::q4_1_i8_linear(tensor(x), tensor(packed), n));
+  });
+}
+
+AOTITorchError aoti_torch_cpu_q8_0_i8_linear(AtenTensorHandle x, AtenTensorHandle packed, int64_t n,
+                                             AtenTensorHandle* out) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *out = torch::aot_inductor::new_tensor_handle(saguaro_cpu::q8_0_i8_linear(tensor(x), tensor(packed), n));
   });
 }
 

@@ -192,3 +192,24 @@ def test_packed_blocks_on_huge_pages_keep_their_values(kernel_dir):
     x = torch.randn(3, layer.in_features).bfloat16()
     with torch.no_grad():
         assert torch.equal(layer(x), cpu_kernels.block_linear("q4_1", x, fresh, layer.out_features))
+
+
+def test_dropping_the_dense_copy_keeps_the_outputs_and_refuses_other_uses(kernel_dir):
+    from saguaro.models.linear import drop_dense_weights
+
+    model = with_file_blocks(tiny_model(5, VOCAB, tie_embeddings=True), kernel_dir)
+    cache = model.new_cache(1, 32)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    want = model(ids, cache)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    dense = sum(m.weight.numel() for m in linears if m is not model.lm_head)
+    assert drop_dense_weights(model) == 2 * dense  # bfloat16; the tied head keeps the embeddings
+    assert model.lm_head.weight is model.embed.weight and model.embed.weight.numel() > 0
+    assert all(m.weight.numel() == 0 for m in linears if m is not model.lm_head)
+    cache = model.new_cache(1, 32)
+    assert torch.equal(model(ids, cache), want)
+    layer = model.layers[0].mlp.down
+    with pytest.raises(RuntimeError, match="keeps only the GGUF file's blocks"):
+        layer(torch.randn(2, layer.in_features))  # float32: would need the dense weight
+    with pytest.raises(RuntimeError, match="dense weights were dropped"):
+        model.float()

@@ -15,7 +15,7 @@ from saguaro.engine.sequence import Sequence
 from saguaro.gguf_blocks import use_file_weights
 from saguaro.loader import cache_root, load_model, resolve_checkpoint
 from saguaro.models.compiled import compile_step
-from saguaro.models.linear import Linear, native_bf16
+from saguaro.models.linear import Linear, drop_dense_weights, native_bf16
 from saguaro.sampling import SamplingParams, TokenLogprob, choices
 from saguaro.speculators.draft import is_feature_checkpoint
 from saguaro.serve.detokenizer import StopStrings
@@ -141,6 +141,8 @@ class LLM:
         self.target = load_model(target_path, dtype=DTYPES[dtype], device=device)
         self.dtype = dtype
         self.weights = use_file_weights(self.target, target_path, weights, cache_root() / "kernels")
+        if self.weights != "dense":  # the file's blocks serve every call: one copy of the weights, not two
+            log.info("dropped the dense copy of the linears: %.0f MB", drop_dense_weights(self.target) / 1e6)
         if compile_wanted(compile):
             self.target.compiled = compile_step(self.target, cache_root() / "compiled", [(1, None)])
             if self.target.compiled is not None:  # it serves decoding: prefills need no oneDNN packed copy

@@ -52,7 +52,9 @@ def read_hf_config(path: Path) -> dict:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory; floating ones converted to `dtype` one by one as they are read
+    (so a float32 checkpoint loaded in bfloat16 is never whole in memory twice)."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weights")
@@ -61,7 +63,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for name in sf.keys():
-                    tensors[name] = sf.get_tensor(name)
+                    tensor = sf.get_tensor(name)
+                    convert = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+                    tensors[name] = tensor.to(dtype) if convert else tensor
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
     return tensors
@@ -157,7 +161,7 @@ def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, device: str = "c
         config = ModelConfig.from_hf(hf_config)
     except KeyError as e:
         raise CheckpointError(f"{path}: config.json lacks {e}") from None
-    weights = to_internal_state_dict(read_safetensors(path), config)
+    weights = to_internal_state_dict(read_safetensors(path, dtype if device == "cpu" else None), config)
     with torch.device("meta"), _no_embedding_init():
         model = (FeatureDraft if hf_config.get(FEATURE_DRAFT_KEY) else CausalLM)(config)
     model.load_state_dict(weights, strict=False, assign=True)

@@ -48,6 +48,7 @@ class Linear(nn.Linear):
     kernel_weight: torch.Tensor | None  # the weight in saguaro_cpu's layout (`pack_for_kernel`)
     block_weight: torch.Tensor | None  # the weight as a GGUF file's blocks, packed (`use_blocks`)
     block_format: str | None = None
+    dense_dropped: bool = False  # `drop_dense_weights`: the blocks are the only copy
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -82,6 +83,9 @@ class Linear(nn.Linear):
         if self.block_weight is not None and x.dtype == torch.bfloat16 and not self._training(x):
             out = cpu_kernels.block_linear(self.block_format, x, self.block_weight, self.out_features)
             return out if self.bias is None else out + self.bias
+        if self.dense_dropped:
+            raise RuntimeError("this linear keeps only the GGUF file's blocks (its dense copy was dropped to "
+                               "save memory): it multiplies bfloat16 inputs at inference only")
         if self.kernel_weight is not None and self._use_kernel(x):
             if not _tracing() and self._kernel_version != _version(self.weight):  # trained in place since
                 self.pack_for_kernel()
@@ -114,6 +118,9 @@ class Linear(nn.Linear):
         self._packed, self._packed_version = None, -1
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: any packed copy is stale
+        if self.dense_dropped:
+            raise RuntimeError("cannot convert a linear whose dense weights were dropped (it keeps only the "
+                               "GGUF file's blocks); load the model again")
         self._packed, self._packed_version = None, -1
         self.kernel_weight = None
         self.block_weight, self.block_format = None, None
@@ -145,6 +152,23 @@ def use_file_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]
     for module, tensor in zip(taken.values(), packed):
         module.block_weight = tensor
     return list(taken)
+
+
+def drop_dense_weights(model: nn.Module) -> int:
+    """Free the dense copy of every linear that multiplies by a GGUF file's blocks, so the model holds
+    one copy of its weights (the packed blocks); a head tied to the embeddings keeps its matrix, which
+    the embedding lookup needs. Afterwards those linears serve bfloat16 inference only. Returns the
+    bytes freed."""
+    embeddings = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    freed = 0
+    for module in model.modules():
+        if isinstance(module, Linear) and module.block_weight is not None and not module.dense_dropped \
+                and module.weight.data_ptr() not in embeddings:
+            freed += module.weight.numel() * module.weight.element_size()
+            module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+            module._packed, module.kernel_weight = None, None
+            module.dense_dropped = True
+    return freed
 
 
 def use_kernels(model: nn.Module, kernel_dir: Path) -> bool:

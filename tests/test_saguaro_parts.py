@@ -197,6 +197,28 @@ def test_policy_grows_the_budget_while_the_tree_is_cheap():
     assert fixed.budget == 12
 
 
+def test_banded_policy_fits_sampled_rows_from_their_own_rounds():
+    """Sampled rows that accept little shape the sampled band's fan-out towards early positions and
+    leave the greedy band's fit alone; a round takes its rows' band."""
+    from saguaro.ssd.online import BandedPolicy, SaguaroPolicy
+
+    k = 4
+    banded = BandedPolicy(SaguaroPolicy(k, 15, acceptance=0.6, r=0.5, refit_every=4))
+    greedy_before = list(banded.bands["greedy"].fanout)
+    for _ in range(40):
+        policy = banded.select(sampled_rows=1)
+        banded.observe(0, k, 0, False, "neural", policy.fanout, sampled=True)  # rejects at once
+        banded.observe_times(verify_s=0.03, tree_s=0.01, fallback_s=0.0, source="neural", misses=1)
+    assert banded.band == "sampled" and banded.fanout is banded.bands["sampled"].fanout
+    assert banded.bands["greedy"].fanout == greedy_before and banded.bands["greedy"].rounds == 0
+    a_sampled, _ = banded.fitted["sampled"]
+    assert a_sampled < 0.2 < banded.fitted["greedy"][0]
+    assert banded.bands["sampled"].fanout[0] > greedy_before[0]  # the budget moves to k = 0
+    assert banded.select(sampled_rows=0) is banded.bands["greedy"] and banded.fanout == greedy_before
+    banded.observe(k, k, k, True, "neural", greedy_before, sampled=False)
+    assert banded.bands["greedy"].accepted == k and banded.bands["sampled"].accepted == 0
+
+
 # ---------------------------------------------------------------------------- options and the drafter interface
 
 def test_ssd_options_validate_and_take_the_older_names():

@@ -90,7 +90,24 @@ def test_greedy_ssd_with_online_policy_equals_ar(fallback):
         engine = policy_engine(target, draft, k, fallback)
         got, _ = run(engine, ps, params)
         assert got == want, (seed, k)
-        assert engine.policy.rounds > 2 and sum(engine.policy.lookups.values()) > 0
+        assert engine.policy.rounds > 2 and sum(engine.policy.bands["greedy"].lookups.values()) > 0
+
+
+def test_mixed_batch_with_banded_policy_keeps_greedy_rows_equal_to_ar():
+    """Greedy and sampled rows in one batch: rounds take the sampled band's fan-out, the greedy rows
+    still follow AR token for token, and each band learned from its own rows."""
+    target = tiny_model(4, VOCAB)
+    draft = perturbed(target, 4, 0.3)
+    ps = prompts(44, 4)
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    want, _ = run(AREngine(target, STOP), ps[:2], greedy)
+    engine = policy_engine(target, draft, 3, "auto")
+    seqs = [Sequence(p, greedy) for p in ps[:2]] + [
+        Sequence(p, SamplingParams(temperature=1.0, max_tokens=24, seed=i)) for i, p in enumerate(ps[2:])]
+    engine.run(seqs)
+    assert [s.output_ids for s in seqs[:2]] == want
+    assert engine.policy.bands["sampled"].rounds > 0 and engine.policy.bands["greedy"].drafted > 0
+    assert engine.policy.bands["sampled"].drafted > 0
 
 
 def ssd_samples(target, draft, prompt, temperature, k, fanout, c, fallback="neural", policy=False):

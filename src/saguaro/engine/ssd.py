@@ -23,7 +23,7 @@ from saguaro.engine.scoring import emitted_logprobs, verify_round
 from saguaro.models.transformer import CausalLM
 from saguaro.ssd.client import WorkerError
 from saguaro.ssd.drafter import Speculation
-from saguaro.ssd.online import SaguaroPolicy
+from saguaro.ssd.online import BandedPolicy, SaguaroPolicy
 from saguaro.ssd.protocol import Drafter, LocalDrafter
 
 __all__ = ["CoreSplit", "LocalDrafter", "SSDEngine"]  # LocalDrafter lives in ssd.protocol
@@ -89,7 +89,7 @@ class SSDEngine(RemembersClocks, Engine):
             if not isinstance(drafter, LocalDrafter):
                 raise ValueError("a drafter other than a LocalDrafter needs a policy")
             policy = drafter.fixed_policy()
-        self.policy = policy
+        self.policy = BandedPolicy(policy)  # greedy and sampled rows fit their own fan-out
         self.tree_fanout = [0] * (k + 1)  # the fan-out of the tree being built now
         self.local_fallback = local_fallback
         self.prompt_lookup_min_match = prompt_lookup_min_match
@@ -207,8 +207,9 @@ class SSDEngine(RemembersClocks, Engine):
         outcomes = [self.outcome.get(s.id) for s in seqs]
         new = [s.all_ids[self.sent[s.id]:] for s in seqs]
         looked_up = self.tree_fanout
-        fanout = [0] * (k + 1) if self.degraded else self.policy.fanout  # degraded: plain SD
-        fallback = "neural" if self.degraded else self.policy.next_fallback(len(seqs))
+        policy = self.policy.select(sum(not s.params.greedy for s in seqs))
+        fanout = [0] * (k + 1) if self.degraded else policy.fanout  # degraded: plain SD
+        fallback = "neural" if self.degraded else policy.next_fallback(len(seqs))
         specs = self._guarded(lambda d: d.respond, outcomes, new, fanout, fallback,
                               self.prompt_lookup_min_match)
         if specs is None:  # the worker failed: ask the local drafter, which has no outcomes yet
@@ -246,7 +247,7 @@ class SSDEngine(RemembersClocks, Engine):
             self._count(s.stats, sp, a, out, t1 - t0, t2 - t1, tree_s + fallback_s)
             if not self.degraded and sp.source != "lookup":  # prompt lookup says nothing of draft or cache
                 self.policy.observe(a, k, None if out is None else out[0], None if out is None else sp.hit,
-                                    fallback, looked_up)
+                                    fallback, looked_up, sampled=not s.params.greedy)
         if not self.degraded:
             fallback_rows = sum(sp.source not in ("tree", "lookup") for sp in specs)
             self.policy.observe_times(t2 - t1, tree_s, fallback_s, fallback, fallback_rows)

@@ -1,11 +1,13 @@
 """Fitting Saguaro's knobs online: a_p and r shape the fan-out, measured latencies pick the fallback.
 
 The fit functions are pure; `SaguaroPolicy` keeps the running counts an engine observes round by
-round and turns them into the next round's fan-out and fallback.
+round and turns them into the next round's fan-out and fallback; `BandedPolicy` keeps one per
+temperature band.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -200,3 +202,49 @@ class SaguaroPolicy:
             if self.after_miss[backup].rounds < EXPLORE_MISSED_ROUNDS:
                 return backup
         return choose_fallback(batch, self.costs())
+
+
+class BandedPolicy:
+    """Saguaro's knobs fitted per temperature band, each band a SaguaroPolicy of its own.
+
+    A sampled row keeps a drafted token with probability 1 - TV(p, q), well below a greedy row's argmax
+    agreement, and its outcomes spread over more tokens, so it hits a cache of the same fan-out less
+    often: one fit over pooled rounds would shape the fan-out (and pick the fallback) for neither. A
+    round takes its fan-out and fallback from its rows' band, "sampled" as soon as one row samples; each
+    row's outcome teaches its own band, and the round's times the band that chose for it."""
+
+    def __init__(self, policy: SaguaroPolicy):
+        self.bands = {"greedy": policy, "sampled": copy.deepcopy(policy)}
+        self.band = "greedy"
+
+    def select(self, sampled_rows: int) -> SaguaroPolicy:
+        """The band of a round with `sampled_rows` rows at T > 0, made current."""
+        self.band = "sampled" if sampled_rows else "greedy"
+        return self.bands[self.band]
+
+    @property
+    def current(self) -> SaguaroPolicy:
+        return self.bands[self.band]
+
+    @property
+    def fanout(self) -> list[int]:
+        return self.current.fanout
+
+    @property
+    def fitted(self) -> dict[str, tuple[float, float]]:
+        """(a_p, r) per band."""
+        return {band: policy.fitted for band, policy in self.bands.items()}
+
+    @property
+    def rounds(self) -> int:
+        return sum(policy.rounds for policy in self.bands.values())
+
+    def next_fallback(self, batch: int) -> str:
+        return self.current.next_fallback(batch)
+
+    def observe(self, accepted: int, drafted: int, outcome_k: int | None, hit: bool | None, source: str,
+                fanout_used: list[int], sampled: bool = False) -> None:
+        self.bands["sampled" if sampled else "greedy"].observe(accepted, drafted, outcome_k, hit, source, fanout_used)
+
+    def observe_times(self, verify_s: float, tree_s: float, fallback_s: float, source: str, misses: int) -> None:
+        self.current.observe_times(verify_s, tree_s, fallback_s, source, misses)

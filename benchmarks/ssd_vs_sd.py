@@ -105,6 +105,8 @@ def main() -> None:
             raise SystemExit(f"draft worker did not start: {ssd.degraded}")
     sd = llm.make_engine("sd", args.draft, args.k)
     place(cores)  # the auto engine takes every core in its AR rounds: it must see them all when made
+    if llm.target.compiled is not None:  # sd-2core verifies on every core: its compiled step as well
+        llm.target.compiled.ensure(args.k + 1)
     auto = (llm.make_engine("sd", args.draft, args.k, auto=True) if feature else
             llm.make_engine("ssd", args.draft, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:],
                             auto=True))

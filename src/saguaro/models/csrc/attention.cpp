@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -72,15 +73,18 @@ inline __mmask16 seen_bits(const bool* allowed, int64_t s0, int64_t n) {
   return _mm_test_epi8_mask(bytes, bytes);
 }
 
-// R query rows (already in float, D = NV * 16 each) that share one key/value head, against keys
-// [0, S); row r may see key s where allowed[r][s]. Keys go 16 at a time: each is read (and widened)
-// once for all R rows, and a row's 16 scores are 16 fixed 16-lane dot products summed by sum_each. The
+// R query rows (in float, D = NV * 16 each, and as they came, q_in) that share one key/value head,
+// against keys [0, S); row r may see key s where allowed[r][s]. Keys go 16 at a time, and a row's 16
+// scores are 16 fixed 16-lane dot products summed by sum_each: in bfloat16, VDPBF16PS over the query
+// and the key as stored (exact products, no widening); in float32, FMAs over keys widened once for all
+// R rows. The
 // softmax total sums key s in lane s % 16; values are accumulated key by key in index order. None of
 // that depends on the other rows, so a row's output is the same whatever rows share the call. Keys no
 // row may see are never read, and a score a row may not see is -inf whatever its key held.
 template <typename T, int NV, int R>
-void attend_rows(const float* const* q, const T* keys, const T* values, const bool* const* allowed, int64_t S,
-                 float scale, float* const* scores, T* const* out) {
+void attend_rows(const float* const* q, const T* const* q_in, const T* keys, const T* values,
+                 const bool* const* allowed, int64_t S, float scale, float* const* scores, T* const* out) {
+  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
   constexpr int64_t D = NV * 16;
   const __m512 none = _mm512_set1_ps(-INFINITY), scales = _mm512_set1_ps(scale);
   __m512 tops[R];
@@ -95,19 +99,31 @@ void attend_rows(const float* const* q, const T* keys, const T* values, const bo
       for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(scores[r] + s0, live, none);
       continue;
     }
-    for (int j = 0; j < 16; ++j)
-      for (int i = 0; i < NV; ++i)
-        _mm512_store_ps(widened[j] + 16 * i, (any >> j) & 1 ? load16(keys + (s0 + j) * D + 16 * i) : _mm512_setzero_ps());
+    if constexpr (!kBf16)
+      for (int j = 0; j < 16; ++j)
+        for (int i = 0; i < NV; ++i)
+          _mm512_store_ps(widened[j] + 16 * i, (any >> j) & 1 ? load16(keys + (s0 + j) * D + 16 * i) : _mm512_setzero_ps());
     for (int r = 0; r < R; ++r) {
       if (!seen[r]) {
         _mm512_mask_storeu_ps(scores[r] + s0, live, none);
         continue;
       }
       __m512 dots[16];
-      for (int j = 0; j < 16; ++j) {
-        dots[j] = _mm512_mul_ps(_mm512_loadu_ps(q[r]), _mm512_load_ps(widened[j]));
-        for (int i = 1; i < NV; ++i)
-          dots[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + 16 * i), _mm512_load_ps(widened[j] + 16 * i), dots[j]);
+      if constexpr (kBf16) {
+        for (int j = 0; j < 16; ++j) {
+          dots[j] = _mm512_setzero_ps();
+          if (!((any >> j) & 1)) continue;  // a key no row sees is never read
+          const T* key = keys + (s0 + j) * D;
+          for (int i = 0; i < NV / 2; ++i)
+            dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)_mm512_loadu_si512(q_in[r] + 32 * i),
+                                       (__m512bh)_mm512_loadu_si512(key + 32 * i));
+        }
+      } else {
+        for (int j = 0; j < 16; ++j) {
+          dots[j] = _mm512_mul_ps(_mm512_loadu_ps(q[r]), _mm512_load_ps(widened[j]));
+          for (int i = 1; i < NV; ++i)
+            dots[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + 16 * i), _mm512_load_ps(widened[j] + 16 * i), dots[j]);
+        }
       }
       const __m512 chunk = _mm512_mask_blend_ps(seen[r], none, _mm512_mul_ps(sum_each(dots), scales));
       _mm512_mask_storeu_ps(scores[r] + s0, live, chunk);
@@ -170,8 +186,8 @@ void write_slots(const at::Tensor& x, at::Tensor& cache, const at::Tensor& slots
 
 // Rows per call of attend_rows: their accumulators fill the registers (R * NV <= 24).
 template <typename T, int NV>
-using AttendRows = void (*)(const float* const*, const T*, const T*, const bool* const*, int64_t, float,
-                            float* const*, T* const*);
+using AttendRows = void (*)(const float* const*, const T* const*, const T*, const T*, const bool* const*, int64_t,
+                            float, float* const*, T* const*);
 
 template <typename T, int NV>
 constexpr AttendRows<T, NV> kAttendRows[6] = {attend_rows<T, NV, 1>, attend_rows<T, NV, 2>,
@@ -199,6 +215,7 @@ void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
       const int64_t b = i / (Hk * chunks), hk = (i / chunks) % Hk, c = i % chunks;
       const int64_t r0 = c * kChunk, count = std::min(kChunk, rows - r0);
       const float* qrows[kChunk];
+      const T* q_in[kChunk];
       const bool* allowed[kChunk];
       float* score_rows[kChunk];
       T* out_rows[kChunk];
@@ -207,12 +224,13 @@ void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
         const int64_t row = (b * H + h) * Tq + t;
         for (int64_t d = 0; d < D; d += 16) store16(qf.data() + r * D + d, load16(qp + row * D + d));
         qrows[r] = qf.data() + r * D;
+        q_in[r] = qp + row * D;
         allowed[r] = mp + (b * Tq + t) * S;
         score_rows[r] = scores.data() + r * S;
         out_rows[r] = op + row * D;
       }
       const int64_t kv = (b * Hk + hk) * C * D;
-      kAttendRows<T, NV>[count - 1](qrows, kp + kv, vp + kv, allowed, S, scale, score_rows, out_rows);
+      kAttendRows<T, NV>[count - 1](qrows, q_in, kp + kv, vp + kv, allowed, S, scale, score_rows, out_rows);
     }
   });
 }

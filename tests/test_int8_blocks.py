@@ -154,3 +154,33 @@ def test_weights_file_int8_needs_a_gguf(tmp_path):
     model = tiny_model(0, VOCAB).bfloat16()
     with pytest.raises(ValueError, match="weights='file-int8' is not possible here: .* is not a .gguf file"):
         use_file_weights(model, tmp_path / "model.safetensors", "file-int8", tmp_path)
+
+
+def test_a_draft_on_int8_blocks_keeps_sd_and_ssd_exact(kernel_dir, monkeypatch):
+    """The draft's arithmetic is free (speculators/draft.on_cpu_kernels): on Q4_1 blocks with int8
+    activations, greedy SD and SSD still equal AR, and sampled SD follows the target."""
+    from saguaro.speculators.draft import DRAFT_BLOCKS_ENV, on_cpu_kernels
+
+    params = SamplingParams(temperature=0, max_tokens=24)
+    for seed, k in ((0, 3), (1, 4)):
+        target = tiny_model(seed, VOCAB).bfloat16()
+        draft = perturbed(tiny_model(seed, VOCAB), seed, 0.05).bfloat16()
+        assert on_cpu_kernels(draft) == "q4_1_i8"
+        assert draft.layers[0].mlp.down.block_format == "q4_1_i8" and draft.layers[0].mlp.down.dense_dropped
+        ps = prompts(seed * 7 + k, 3)
+        want, _ = run(AREngine(target, STOP), ps, params)
+        assert run(SDEngine(target, NeuralSpeculator(draft, VOCAB), k, STOP), ps, params)[0] == want, (seed, k)
+        assert run(ssd_engine(target, draft, k, [2] * (k + 1)), ps, params)[0] == want, (seed, k)
+    target = tiny_model(11, SMALL_VOCAB, scale=0.6).bfloat16()
+    draft = tiny_model(12, SMALL_VOCAB, scale=0.6).bfloat16()
+    on_cpu_kernels(draft)
+    prompt = [1, 4, 2, 1, 4]
+    samples = sd_samples(target, NeuralSpeculator(draft, SMALL_VOCAB), prompt, 1.0, k=2)
+    joint = exact_joint(target, prompt, 1.0)
+    total = sum(joint.values())
+    assert chi2_pvalue(samples, {cell: p / total for cell, p in joint.items()}) > 0.01
+    monkeypatch.setenv(DRAFT_BLOCKS_ENV, "none")
+    assert on_cpu_kernels(tiny_model(0, VOCAB).bfloat16()) == "dense"
+    monkeypatch.setenv(DRAFT_BLOCKS_ENV, "q5_k")
+    with pytest.raises(ValueError, match="SAGUARO_DRAFT_BLOCKS must be one of"):
+        on_cpu_kernels(tiny_model(0, VOCAB).bfloat16())

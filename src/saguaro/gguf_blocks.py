@@ -122,3 +122,18 @@ def use_file_weights(model, path: Path, weights: str, kernel_dir: Path) -> str:
         return "dense"
     suffix = cpu_kernels.INT8 if weights == "file-int8" else ""
     return "+".join(sorted({blocks[name][0] + suffix for name in taken}))
+
+
+def quantized_blocks(model, fmt: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """Module name -> (fmt, raw blocks) of every linear of `model` (bar one sharing the embedding
+    matrix), quantized the way llama.cpp writes a GGUF (gguf.quants): `read_blocks`' result for a model
+    that came as dense weights. ~0.1 s for 12 M weights."""
+    from gguf import GGMLQuantizationType, quants
+
+    from saguaro.models.linear import Linear
+
+    embeddings = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    kind = GGMLQuantizationType[fmt.upper()]
+    return {name: (fmt, torch.from_numpy(quants.quantize(m.weight.detach().float().numpy(), kind)))
+            for name, m in model.named_modules()
+            if isinstance(m, Linear) and m.in_features % 32 == 0 and m.weight.data_ptr() not in embeddings}

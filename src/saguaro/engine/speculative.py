@@ -16,9 +16,6 @@ from saguaro.loader import CheckpointError
 from saguaro.models.transformer import CausalLM
 from saguaro.models.feature_draft import FeatureDraft
 from saguaro.speculators import FeatureSpeculator, NeuralSpeculator, NgramSpeculator, Speculator
-from saguaro.loader import cache_root
-from saguaro.models import cpu_kernels
-from saguaro.models.linear import use_kernels
 from saguaro.speculators.draft import check_vocabulary, is_feature_checkpoint, load_draft
 from saguaro.ssd.options import SSDOptions
 
@@ -117,9 +114,7 @@ def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_s
         raise CheckpointError("no draft model: pass --draft PATH (a checkpoint sharing the target's "
                               "tokenizer) or --draft ngram")
     if mode == "sd":
-        draft_model = load_draft(path, target, tokenizer)
-        if draft_model.device.type == "cpu" and cpu_kernels.loaded():  # loaded with the target's compiled step
-            use_kernels(draft_model, cache_root() / "kernels")
+        draft_model = load_draft(path, target, tokenizer)  # on saguaro's CPU kernels where they apply
         make = FeatureSpeculator if isinstance(draft_model, FeatureDraft) else NeuralSpeculator
         speculator = make(draft_model, target.config.vocab_size)
         auto = ssd is not None and ssd.auto

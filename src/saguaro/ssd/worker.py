@@ -22,8 +22,7 @@ import socket
 import torch
 
 from saguaro.embedded import embedded_draft_path, embedded_target_path
-from saguaro.loader import cache_root, load_embeddings
-from saguaro.models.linear import use_kernels
+from saguaro.loader import load_embeddings
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import SamplingParams
 from saguaro.speculators.draft import load_draft_alone
@@ -51,9 +50,7 @@ def pin(cores: list[int] | None, threads: int | None) -> None:
 def load_worker_draft(target, draft, dtype: torch.dtype, device: str) -> tuple[CausalLM, int]:
     """The draft on the target's embeddings, and the target's vocabulary size."""
     embeddings, vocab = load_embeddings(target, dtype=dtype, device=device)
-    model = load_draft_alone(draft, embeddings, vocab, dtype, device)
-    if device == "cpu":
-        use_kernels(model, cache_root() / "kernels")  # bf16 linears and small attentions on saguaro's CPU kernels
+    model = load_draft_alone(draft, embeddings, vocab, dtype, device)  # on saguaro's CPU kernels where they apply
     return model, vocab
 
 

@@ -105,8 +105,11 @@ def main() -> None:
             raise SystemExit(f"draft worker did not start: {ssd.degraded}")
     sd = llm.make_engine("sd", args.draft, args.k)
     place(cores)  # the auto engine takes every core in its AR rounds: it must see them all when made
-    if llm.target.compiled is not None:  # sd-2core verifies on every core: its compiled step as well
+    if llm.target.compiled is not None:  # sd-2core verifies (and drafts) on every core: those steps as well
         llm.target.compiled.ensure(args.k + 1)
+        draft_steps = getattr(getattr(sd.speculator, "draft", None), "compiled", None)
+        if draft_steps is not None:
+            draft_steps.ensure(1)
     auto = (llm.make_engine("sd", args.draft, args.k, auto=True) if feature else
             llm.make_engine("ssd", args.draft, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:],
                             auto=True))

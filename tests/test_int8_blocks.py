@@ -184,3 +184,33 @@ def test_a_draft_on_int8_blocks_keeps_sd_and_ssd_exact(kernel_dir, monkeypatch):
     monkeypatch.setenv(DRAFT_BLOCKS_ENV, "q5_k")
     with pytest.raises(ValueError, match="SAGUARO_DRAFT_BLOCKS must be one of"):
         on_cpu_kernels(tiny_model(0, VOCAB).bfloat16())
+
+
+def test_sd_with_a_compiled_draft_on_int8_blocks_equals_ar(kernel_dir, tmp_path):
+    """SD compiles the draft's one-token step beside the target's: the same logits as eager, bitwise,
+    and greedy SD still equals AR."""
+    from saguaro.speculators.draft import on_cpu_kernels
+
+    target = with_file_blocks(tiny_model(3, VOCAB, head_dim=64, tie_embeddings=True), kernel_dir)
+    target.compiled = compile_step(target, tmp_path, [(1, None), (5, None)], progress=False)
+    draft = perturbed(tiny_model(3, VOCAB, head_dim=64, tie_embeddings=True), 1, 0.05).bfloat16()
+    assert on_cpu_kernels(draft) == "q4_1_i8"
+    eager = perturbed(tiny_model(3, VOCAB, head_dim=64, tie_embeddings=True), 1, 0.05).bfloat16()
+    on_cpu_kernels(eager)
+    draft.compiled = compile_step(draft, tmp_path, [(1, None)], progress=False)
+    caches = [m.new_cache(1, 64) for m in (draft, eager)]
+    ids = torch.arange(20)[None] % VOCAB
+    for m, c in zip((draft, eager), caches):
+        m(ids, c)
+        c.lengths[:] = 20
+    for t in range(8):
+        x = torch.tensor([[t + 3]])
+        assert torch.equal(draft(x, caches[0]), eager(x, caches[1]))
+        for c in caches:
+            c.lengths += 1
+    assert draft.compiled.stats.compiled_calls == 8
+    params = SamplingParams(temperature=0, max_tokens=40)
+    seqs = [Sequence([5, 9, 17, 3, 22, 9, 17], params) for _ in range(2)]
+    AREngine(target, set()).run(seqs[:1])
+    SDEngine(target, NeuralSpeculator(draft, VOCAB), 4, set()).run(seqs[1:])
+    assert seqs[0].output_ids == seqs[1].output_ids and len(seqs[0].output_ids) == 40

@@ -159,7 +159,7 @@ def fingerprint(model: nn.Module) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for module in (attention_module, layers_module, linear_module, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
-    for source in cpu_kernels.SOURCES:
+    for source in (*cpu_kernels.SOURCES, *cpu_kernels.HEADERS):
         digest.update(source.read_bytes())
     meta = {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
             "config": repr(model.config)}

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("dot_linear.cpp", "block_linear.cpp", "int8_block_linear.cpp", "attention.cpp", "shims.cpp")]
+HEADERS = [Path(__file__).with_name("csrc") / "block_tiles.h"]  # in the build's key, not on its command line
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp",
          "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"]
 
@@ -173,7 +174,7 @@ def _build(cache_dir: Path) -> Path:
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     compiler = os.environ.get("CXX", "g++")
     digest = hashlib.blake2b(digest_size=12)
-    for part in (*(p.read_bytes() for p in SOURCES), torch.__version__.encode(), " ".join([compiler, abi, *FLAGS]).encode()):
+    for part in (*(p.read_bytes() for p in (*SOURCES, *HEADERS)), torch.__version__.encode(), " ".join([compiler, abi, *FLAGS]).encode()):
         digest.update(part)
     library = cache_dir / f"saguaro_cpu-{digest.hexdigest()}.so"
     if library.exists():

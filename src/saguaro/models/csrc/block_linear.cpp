@@ -16,23 +16,16 @@
 // the pass it falls in or the thread split, so a token's logits are bitwise the same decoded alone or
 // verified among K+1, and greedy speculative decoding stays token-identical to plain decoding.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "block_tiles.h"
+
 namespace {
 
-constexpr int64_t kBlock = 32;      // weights per GGUF block along K
-constexpr int64_t kGroup = 16;      // outputs per group (float lanes)
-constexpr int64_t kTileGroups = 4;  // groups per tile
-constexpr int64_t kTile = kGroup * kTileGroups;
-constexpr int64_t kMaxPassRows = 8;
+using namespace saguaro_blocks;
 
 enum class Format { kQ4_1, kQ8_0 };
 
@@ -67,30 +60,12 @@ struct Spec<Format::kQ8_0> {
 template <Format F>
 at::Tensor pack(const at::Tensor& raw, const char* name) {
   using S = Spec<F>;
-  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.size(1) % S::kRawBytes == 0,
-              "saguaro_cpu::", name, " takes the file's blocks as uint8 [N, K / 32 * ", S::kRawBytes, "]");
-  const at::Tensor src = raw.contiguous();
-  const int64_t N = src.size(0), blocks = src.size(1) / S::kRawBytes, tiles = (N + kTile - 1) / kTile;
-  at::Tensor packed = at::zeros({tiles, blocks, kTileGroups, S::kBytes}, src.options());
-  const uint8_t* in = src.const_data_ptr<uint8_t>();
-  uint8_t* out = packed.mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t g = 0; g < kTileGroups; ++g) {
-          uint8_t* dst = out + ((t * blocks + b) * kTileGroups + g) * S::kBytes;
-          for (int64_t o = 0; o < kGroup; ++o) {
-            const int64_t n = t * kTile + g * kGroup + o;
-            if (n >= N) break;  // padding outputs: zero scales, zero weights
-            const uint8_t* block = in + n * src.size(1) + b * S::kRawBytes;
-            for (int64_t i = 0; i < S::kLoads; ++i)
-              for (int64_t p = 0; p < 2; ++p) dst[i * 32 + 2 * o + p] = block[S::kQuantOffset + 2 * i + p];
-            std::memcpy(dst + S::kLoads * 32 + 2 * o, block, 2);  // d
-            if constexpr (F == Format::kQ4_1) std::memcpy(dst + S::kLoads * 32 + 32 + 2 * o, block + 2, 2);  // m
-          }
-        }
+  return pack_tiles(raw, S::kRawBytes, S::kBytes, name, [](uint8_t* dst, int64_t o, const uint8_t* block) {
+    for (int64_t i = 0; i < S::kLoads; ++i)
+      for (int64_t p = 0; p < 2; ++p) dst[i * 32 + 2 * o + p] = block[S::kQuantOffset + 2 * i + p];
+    std::memcpy(dst + S::kLoads * 32 + 2 * o, block, 2);  // d
+    if constexpr (F == Format::kQ4_1) std::memcpy(dst + S::kLoads * 32 + 32 + 2 * o, block + 2, 2);  // m
   });
-  return packed;
 }
 
 inline uint16_t bf16_bits(float v) {
@@ -113,7 +88,7 @@ struct Tables {
 // Rows [0, M) of x against groups [g0, g0 + G) of one tile; acc[m][g] gets their 16 outputs each.
 template <Format F, int M, int G>
 inline void tile_rows(const at::BFloat16* x, const float* xsum, int64_t K, const uint8_t* tile, int64_t blocks,
-                      int64_t g0, const Tables<F>& tables, __m512 (&acc)[kMaxPassRows][kTileGroups]) {
+                      int64_t g0, const Tables<F>& tables, Acc& acc) {
   using S = Spec<F>;
   const __m512i low4 = _mm512_set1_epi16(0x0F);
   __m512 total[M][G];
@@ -158,14 +133,14 @@ inline void tile_rows(const at::BFloat16* x, const float* xsum, int64_t K, const
 // M rows of a pass against one tile: as many groups at a time as the registers hold (3 * M * G <= 24).
 template <Format F, int M>
 void tile_pass(const at::BFloat16* x, const float* xsum, int64_t K, const uint8_t* tile, int64_t blocks,
-               const Tables<F>& tables, __m512 (&acc)[kMaxPassRows][kTileGroups]) {
+               const Tables<F>& tables, Acc& acc) {
   constexpr int G = M == 1 ? 4 : M <= 3 ? 2 : 1;
   for (int64_t g0 = 0; g0 < kTileGroups; g0 += G) tile_rows<F, M, G>(x, xsum, K, tile, blocks, g0, tables, acc);
 }
 
 template <Format F>
 using TilePass = void (*)(const at::BFloat16*, const float*, int64_t, const uint8_t*, int64_t, const Tables<F>&,
-                          __m512 (&)[kMaxPassRows][kTileGroups]);
+                          Acc&);
 
 template <Format F>
 constexpr TilePass<F> kTilePass[kMaxPassRows] = {tile_pass<F, 1>, tile_pass<F, 2>, tile_pass<F, 3>, tile_pass<F, 4>,
@@ -187,43 +162,14 @@ std::vector<float> block_sums(const at::BFloat16* x, int64_t M, int64_t K) {
 
 template <Format F>
 at::Tensor block_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, const char* name) {
-  using S = Spec<F>;
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kByte && packed.dim() == 4 &&
-                  packed.is_contiguous() && packed.size(2) == kTileGroups && packed.size(3) == S::kBytes,
-              "saguaro_cpu::", name, " takes bfloat16 x and the result of its pack op");
-  const int64_t K = x.size(-1), blocks = packed.size(1), tiles = packed.size(0);
-  TORCH_CHECK(blocks * kBlock == K && tiles * kTile >= N && (tiles - 1) * kTile < N, "saguaro_cpu::", name,
-              ": the packed weight does not fit x's ", K, " features and ", N, " outputs");
-  const at::Tensor rows = x.reshape({-1, K}).contiguous();
-  const int64_t M = rows.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  const at::Tensor rows = checked_rows(x, packed, N, Spec<F>::kBytes, name);
+  const int64_t K = rows.size(1);
   const auto* xp = rows.const_data_ptr<at::BFloat16>();
-  const uint8_t* wp = packed.const_data_ptr<uint8_t>();
-  auto* yp = y.mutable_data_ptr<at::BFloat16>();
-  const std::vector<float> sums = F == Format::kQ4_1 ? block_sums(xp, M, K) : std::vector<float>();
+  const std::vector<float> sums = F == Format::kQ4_1 ? block_sums(xp, rows.size(0), K) : std::vector<float>();
   static const Tables<F> tables;
-  // Each thread streams a contiguous run of tiles; every pass of up to 8 rows over a tile reads it from
-  // the cache after the first.
-  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    __m512 acc[kMaxPassRows][kTileGroups];
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* tile = wp + t * blocks * kTileGroups * S::kBytes;
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxPassRows) {
-        const int64_t rows_here = std::min(kMaxPassRows, M - m0);
-        kTilePass<F>[rows_here - 1](xp + m0 * K, sums.data() + m0 * blocks, K, tile, blocks, tables, acc);
-        for (int64_t m = 0; m < rows_here; ++m)
-          for (int64_t g = 0; g < kTileGroups; ++g) {
-            const int64_t n = t * kTile + g * kGroup;
-            if (n >= N) break;
-            const __mmask16 keep = N - n >= kGroup ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
-            _mm256_mask_storeu_epi16(yp + (m0 + m) * N + n, keep, (__m256i)_mm512_cvtneps_pbh(acc[m][g]));
-          }
-      }
-    }
+  return run_tiles(x, rows, packed, N, [&](int64_t m0, int64_t count, const uint8_t* tile, int64_t blocks, Acc& acc) {
+    kTilePass<F>[count - 1](xp + m0 * K, sums.data() + m0 * blocks, K, tile, blocks, tables, acc);
   });
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  return y.view(sizes);
 }
 
 }  // namespace

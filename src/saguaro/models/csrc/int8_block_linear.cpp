@@ -19,24 +19,16 @@
 // one: the low nibbles are inputs 8i..8i+3, the high nibbles 8i+4..8i+7. Groups of 4 form a tile, whose
 // blocks lie in one sequential stream ([tiles][K/32 blocks][4 groups][bytes]).
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "block_tiles.h"
+
 namespace {
 
-constexpr int64_t kBlock = 32;
-constexpr int64_t kGroup = 16;
-constexpr int64_t kTileGroups = 4;
-constexpr int64_t kTile = kGroup * kTileGroups;
-constexpr int64_t kMaxPassRows = 8;
+using namespace saguaro_blocks;
 
 enum class Format { kQ4_1, kQ8_0 };
 
@@ -65,36 +57,18 @@ struct Spec<Format::kQ8_0> {
 template <Format F>
 at::Tensor pack(const at::Tensor& raw, const char* name) {
   using S = Spec<F>;
-  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.size(1) % S::kRawBytes == 0,
-              "saguaro_cpu::", name, " takes the file's blocks as uint8 [N, K / 32 * ", S::kRawBytes, "]");
-  const at::Tensor src = raw.contiguous();
-  const int64_t N = src.size(0), blocks = src.size(1) / S::kRawBytes, tiles = (N + kTile - 1) / kTile;
-  at::Tensor packed = at::zeros({tiles, blocks, kTileGroups, S::kBytes}, src.options());
-  const uint8_t* in = src.const_data_ptr<uint8_t>();
-  uint8_t* out = packed.mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t g = 0; g < kTileGroups; ++g) {
-          uint8_t* dst = out + ((t * blocks + b) * kTileGroups + g) * S::kBytes;
-          for (int64_t o = 0; o < kGroup; ++o) {
-            const int64_t n = t * kTile + g * kGroup + o;
-            if (n >= N) break;  // padding outputs: zero scales, zero weights
-            const uint8_t* block = in + n * src.size(1) + b * S::kRawBytes;
-            uint8_t* scales = dst + S::kLoads * 64;
-            std::memcpy(scales + 2 * o, block, 2);  // d
-            if constexpr (F == Format::kQ4_1) {
-              for (int i = 0; i < 4; ++i)
-                for (int j = 0; j < 4; ++j)
-                  dst[i * 64 + 4 * o + j] = uint8_t(S::q(block, 8 * i + j) | S::q(block, 8 * i + 4 + j) << 4);
-              std::memcpy(scales + 32 + 2 * o, block + 2, 2);  // m
-            } else {
-              for (int k = 0; k < kBlock; ++k) dst[(k / 4) * 64 + 4 * o + k % 4] = S::q(block, k);
-            }
-          }
-        }
+  return pack_tiles(raw, S::kRawBytes, S::kBytes, name, [](uint8_t* dst, int64_t o, const uint8_t* block) {
+    uint8_t* scales = dst + S::kLoads * 64;
+    std::memcpy(scales + 2 * o, block, 2);  // d
+    if constexpr (F == Format::kQ4_1) {
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j)
+          dst[i * 64 + 4 * o + j] = uint8_t(S::q(block, 8 * i + j) | S::q(block, 8 * i + 4 + j) << 4);
+      std::memcpy(scales + 32 + 2 * o, block + 2, 2);  // m
+    } else {
+      for (int k = 0; k < kBlock; ++k) dst[(k / 4) * 64 + 4 * o + k % 4] = S::q(block, k);
+    }
   });
-  return packed;
 }
 
 // Row activations, quantized: int8 per input, and per block the scale, the float sum of x (Q4_1's m
@@ -146,7 +120,7 @@ inline __m512i broadcast4(const int8_t* p) {
 // Rows [0, M) against groups [g0, g0 + G) of one tile; acc[m][g] gets their 16 outputs each.
 template <Format F, int M, int G>
 inline void tile_rows(const RowsView& xq, int64_t K, const uint8_t* tile, int64_t blocks, int64_t g0,
-                      __m512 (&acc)[kMaxPassRows][kTileGroups]) {
+                      Acc& acc) {
   using S = Spec<F>;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 total[M][G];
@@ -207,13 +181,13 @@ inline void tile_rows(const RowsView& xq, int64_t K, const uint8_t* tile, int64_
 
 template <Format F, int M>
 void tile_pass(const RowsView& xq, int64_t K, const uint8_t* tile, int64_t blocks,
-               __m512 (&acc)[kMaxPassRows][kTileGroups]) {
+               Acc& acc) {
   constexpr int G = M == 1 ? 4 : M <= 3 ? 2 : 1;  // registers: 3 * M * G <= 24
   for (int64_t g0 = 0; g0 < kTileGroups; g0 += G) tile_rows<F, M, G>(xq, K, tile, blocks, g0, acc);
 }
 
 template <Format F>
-using TilePass = void (*)(const RowsView&, int64_t, const uint8_t*, int64_t, __m512 (&)[kMaxPassRows][kTileGroups]);
+using TilePass = void (*)(const RowsView&, int64_t, const uint8_t*, int64_t, Acc&);
 
 template <Format F>
 constexpr TilePass<F> kTilePass[kMaxPassRows] = {tile_pass<F, 1>, tile_pass<F, 2>, tile_pass<F, 3>, tile_pass<F, 4>,
@@ -221,44 +195,14 @@ constexpr TilePass<F> kTilePass[kMaxPassRows] = {tile_pass<F, 1>, tile_pass<F, 2
 
 template <Format F>
 at::Tensor int8_block_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, const char* name) {
-  using S = Spec<F>;
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kByte && packed.dim() == 4 &&
-                  packed.is_contiguous() && packed.size(2) == kTileGroups && packed.size(3) == S::kBytes,
-              "saguaro_cpu::", name, " takes bfloat16 x and the result of its pack op");
-  const int64_t K = x.size(-1), blocks = packed.size(1), tiles = packed.size(0);
-  TORCH_CHECK(blocks * kBlock == K && tiles * kTile >= N && (tiles - 1) * kTile < N, "saguaro_cpu::", name,
-              ": the packed weight does not fit x's ", K, " features and ", N, " outputs");
-  const at::Tensor rows = x.reshape({-1, K}).contiguous();
-  const int64_t M = rows.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const uint8_t* wp = packed.const_data_ptr<uint8_t>();
-  auto* yp = y.mutable_data_ptr<at::BFloat16>();
-  const Quantized all = quantize<F>(rows.const_data_ptr<at::BFloat16>(), M, K);
-  const int64_t blocks_per_row = K / kBlock;
-  // Each thread streams a contiguous run of tiles; every pass of up to 8 rows over a tile reads it from
-  // the cache after the first.
-  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    __m512 acc[kMaxPassRows][kTileGroups];
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* tile = wp + t * blocks * kTileGroups * S::kBytes;
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxPassRows) {
-        const int64_t rows_here = std::min(kMaxPassRows, M - m0);
-        const RowsView view{all.q.data() + m0 * K, all.scale.data() + m0 * blocks_per_row,
-                            all.sum.data() + m0 * blocks_per_row, all.shift.data() + m0 * blocks_per_row};
-        kTilePass<F>[rows_here - 1](view, K, tile, blocks, acc);
-        for (int64_t m = 0; m < rows_here; ++m)
-          for (int64_t g = 0; g < kTileGroups; ++g) {
-            const int64_t n = t * kTile + g * kGroup;
-            if (n >= N) break;
-            const __mmask16 keep = N - n >= kGroup ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
-            _mm256_mask_storeu_epi16(yp + (m0 + m) * N + n, keep, (__m256i)_mm512_cvtneps_pbh(acc[m][g]));
-          }
-      }
-    }
+  const at::Tensor rows = checked_rows(x, packed, N, Spec<F>::kBytes, name);
+  const int64_t K = rows.size(1), blocks_per_row = K / kBlock;
+  const Quantized all = quantize<F>(rows.const_data_ptr<at::BFloat16>(), rows.size(0), K);
+  return run_tiles(x, rows, packed, N, [&](int64_t m0, int64_t count, const uint8_t* tile, int64_t blocks, Acc& acc) {
+    const RowsView view{all.q.data() + m0 * K, all.scale.data() + m0 * blocks_per_row,
+                        all.sum.data() + m0 * blocks_per_row, all.shift.data() + m0 * blocks_per_row};
+    kTilePass<F>[count - 1](view, K, tile, blocks, acc);
   });
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  return y.view(sizes);
 }
 
 }  // namespace

@@ -24,42 +24,21 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             at::Tensor& v_cache, int64_t layer, const at::Tensor& slots, const at::Tensor& mask);
 }  // namespace saguaro_cpu
 
+// aoti_torch_cpu_<op>(x, packed, n, out) for each linear op of ours: one shape, one definition.
+#define SAGUARO_LINEAR_SHIM(op)                                                                                \
+  AOTITorchError aoti_torch_cpu_##op(AtenTensorHandle x, AtenTensorHandle packed, int64_t n,                  \
+                                     AtenTensorHandle* out) {                                                 \
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE(                                                                \
+        { *out = torch::aot_inductor::new_tensor_handle(saguaro_cpu::op(tensor(x), tensor(packed), n)); });    \
+  }
+
 extern "C" {
 
-AOTITorchError aoti_torch_cpu_packed_linear(AtenTensorHandle x, AtenTensorHandle packed, int64_t n,
-                                            AtenTensorHandle* out) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *out = torch::aot_inductor::new_tensor_handle(saguaro_cpu::packed_linear(tensor(x), tensor(packed), n));
-  });
-}
-
-AOTITorchError aoti_torch_cpu_q4_1_linear(AtenTensorHandle x, AtenTensorHandle packed, int64_t n,
-                                          AtenTensorHandle* out) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *out = torch::aot_inductor::new_tensor_handle(saguaro_cpu::q4_1_linear(tensor(x), tensor(packed), n));
-  });
-}
-
-AOTITorchError aoti_torch_cpu_q8_0_linear(AtenTensorHandle x, AtenTensorHandle packed, int64_t n,
-                                          AtenTensorHandle* out) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *out = torch::aot_inductor::new_tensor_handle(saguaro_cpu::q8_0_linear(tensor(x), tensor(packed), n));
-  });
-}
-
-AOTITorchError aoti_torch_cpu_q4_1_i8_linear(AtenTensorHandle x, AtenTensorHandle packed, int64_t n,
-                                             AtenTensorHandle* out) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *out = torch::aot_inductor::new_tensor_handle(saguaro_cpu::q4_1_i8_linear(tensor(x), tensor(packed), n));
-  });
-}
-
-AOTITorchError aoti_torch_cpu_q8_0_i8_linear(AtenTensorHandle x, AtenTensorHandle packed, int64_t n,
-                                             AtenTensorHandle* out) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *out = torch::aot_inductor::new_tensor_handle(saguaro_cpu::q8_0_i8_linear(tensor(x), tensor(packed), n));
-  });
-}
+SAGUARO_LINEAR_SHIM(packed_linear)
+SAGUARO_LINEAR_SHIM(q4_1_linear)
+SAGUARO_LINEAR_SHIM(q8_0_linear)
+SAGUARO_LINEAR_SHIM(q4_1_i8_linear)
+SAGUARO_LINEAR_SHIM(q8_0_i8_linear)
 
 AOTITorchError aoti_torch_cpu_cached_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
                                                AtenTensorHandle k_cache, AtenTensorHandle v_cache, int64_t layer,

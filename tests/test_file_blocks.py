@@ -24,6 +24,9 @@ from tests.tiny import perturbed, tiny_model, with_file_blocks
 pytestmark = pytest.mark.skipif(not cpu_kernels.supported(), reason="needs AVX512_BF16")
 
 FORMATS = ["q4_1", "q8_0"]
+# activations: bfloat16 (block_linear.cpp), and int8 (int8_block_linear.cpp) where the CPU has VNNI
+ACTIVATIONS = [False, pytest.param(True, id="int8", marks=pytest.mark.skipif(
+    not cpu_kernels.int8_supported(), reason="int8 activations need AVX512_VNNI"))]
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +89,14 @@ def test_training_and_float32_use_the_dense_weight(kernel_dir):
     assert layer.block_weight is None
 
 
+@pytest.mark.parametrize("int8", ACTIVATIONS)
 @pytest.mark.parametrize("batch", [1, 4])
-def test_greedy_sd_and_ssd_equal_ar_on_file_blocks(kernel_dir, batch):
+def test_greedy_sd_and_ssd_equal_ar_on_file_blocks(kernel_dir, batch, int8):
     params = SamplingParams(temperature=0, max_tokens=24)
     hits = 0
     for seed, k in ((0, 2), (1, 4)):
-        target = with_file_blocks(tiny_model(seed, VOCAB), kernel_dir)
+        target = with_file_blocks(tiny_model(seed, VOCAB), kernel_dir, int8_activations=int8)
+        assert target.lm_head.block_format == ("q8_0_i8" if int8 else "q8_0")
         draft = perturbed(tiny_model(seed, VOCAB), seed, 0.05).bfloat16()
         ps = prompts(seed * 10 + k, batch)
         want, _ = run(AREngine(target, STOP), ps, params)
@@ -103,10 +108,12 @@ def test_greedy_sd_and_ssd_equal_ar_on_file_blocks(kernel_dir, batch):
     assert hits > 0
 
 
-def test_greedy_sd_equals_ar_on_compiled_file_blocks(kernel_dir, tmp_path):
+@pytest.mark.parametrize("int8", ACTIVATIONS)
+def test_greedy_sd_equals_ar_on_compiled_file_blocks(kernel_dir, tmp_path, int8):
     """The compiled 1- and 5-token steps call the block kernels (C shims); the libraries for one and
     two threads agree bitwise, and greedy SD on them equals AR."""
-    target = with_file_blocks(tiny_model(3, VOCAB, head_dim=64, tie_embeddings=True), kernel_dir)
+    target = with_file_blocks(tiny_model(3, VOCAB, head_dim=64, tie_embeddings=True), kernel_dir,
+                              int8_activations=int8)
     target.compiled = compile_step(target, tmp_path, [(1, 1), (1, 2), (5, None)], progress=False)
     assert target.compiled is not None and target.compiled.shared_weights
     draft = perturbed(tiny_model(3, VOCAB, head_dim=64, tie_embeddings=True), 1, 0.05).bfloat16()
@@ -132,9 +139,10 @@ def test_greedy_sd_equals_ar_on_compiled_file_blocks(kernel_dir, tmp_path):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("int8", ACTIVATIONS)
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_sampled_sd_on_file_blocks_follows_target_distribution(kernel_dir, temperature):
-    target = with_file_blocks(tiny_model(11, SMALL_VOCAB, scale=0.6), kernel_dir)
+def test_sampled_sd_on_file_blocks_follows_target_distribution(kernel_dir, temperature, int8):
+    target = with_file_blocks(tiny_model(11, SMALL_VOCAB, scale=0.6), kernel_dir, int8_activations=int8)
     draft = tiny_model(12, SMALL_VOCAB, scale=0.6).bfloat16()  # disagrees with the target
     prompt = [1, 4, 2, 1, 4]
     samples = sd_samples(target, NeuralSpeculator(draft, SMALL_VOCAB), prompt, temperature, k=2)

@@ -1,5 +1,6 @@
-"""The block linears with int8 activations (csrc/int8_block_linear.cpp): the formula they compute, row
-invariance, and greedy/sampled speculative decoding on them against AR on them."""
+"""The block linears with int8 activations (csrc/int8_block_linear.cpp): the formula they compute and row
+invariance (greedy and sampled speculative decoding on them: tests/test_file_blocks.py, parametrized),
+and the draft put on them (speculators/draft.on_cpu_kernels)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from gguf import GGMLQuantizationType, quants
 from saguaro.engine.base import AREngine
 from saguaro.engine.sequence import Sequence
 from saguaro.engine.speculative import SDEngine
-from saguaro.engine.speculators import NeuralSpeculator, NgramSpeculator
+from saguaro.engine.speculators import NeuralSpeculator
 from saguaro.models import cpu_kernels
 from saguaro.models.compiled import compile_step
 from saguaro.sampling import SamplingParams
@@ -100,52 +101,6 @@ def test_int8_activations_stay_near_the_bf16_path(kernel_dir):
     y = cpu_kernels.block_linear("q4_1_i8", x, cpu_kernels.pack_blocks("q4_1_i8", torch.from_numpy(raw)), 576)
     want = x.double() @ w.T
     assert (y.double() - want).abs().max() < 0.03 * want.abs().max()
-
-
-@pytest.mark.parametrize("batch", [1, 4])
-def test_greedy_sd_and_ssd_equal_ar_on_int8_blocks(kernel_dir, batch):
-    params = SamplingParams(temperature=0, max_tokens=24)
-    hits = 0
-    for seed, k in ((0, 2), (1, 4)):
-        target = with_file_blocks(tiny_model(seed, VOCAB), kernel_dir, int8_activations=True)
-        assert target.lm_head.block_format == "q8_0_i8"
-        draft = perturbed(tiny_model(seed, VOCAB), seed, 0.05).bfloat16()
-        ps = prompts(seed * 10 + k, batch)
-        want, _ = run(AREngine(target, STOP), ps, params)
-        assert run(SDEngine(target, NeuralSpeculator(draft, VOCAB), k, STOP), ps, params)[0] == want, (seed, k)
-        assert run(SDEngine(target, NgramSpeculator(), k, STOP), ps, params)[0] == want, (seed, k)
-        got, seqs = run(ssd_engine(target, draft, k, [2] * (k + 1)), ps, params)
-        assert got == want, (seed, k)
-        hits += sum(s.stats.cache_hits for s in seqs)
-    assert hits > 0
-
-
-def test_greedy_sd_equals_ar_on_compiled_int8_blocks(kernel_dir, tmp_path):
-    target = with_file_blocks(tiny_model(3, VOCAB, head_dim=64, tie_embeddings=True), kernel_dir,
-                              int8_activations=True)
-    target.compiled = compile_step(target, tmp_path, [(1, None), (5, None)], progress=False)
-    assert target.compiled is not None
-    draft = perturbed(tiny_model(3, VOCAB, head_dim=64, tie_embeddings=True), 1, 0.05).bfloat16()
-    params = SamplingParams(temperature=0, max_tokens=48)
-    for p in ([5, 9, 17, 3, 22, 9, 17], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]):
-        outs = []
-        for engine in (AREngine(target, set()), SDEngine(target, NeuralSpeculator(draft, VOCAB), 4, set())):
-            seq = Sequence(p, params)
-            engine.run([seq])
-            outs.append(seq.output_ids)
-        assert len(outs[0]) == 48 and outs[0] == outs[1]
-    assert target.compiled.stats.compiled_calls > 0
-
-
-@pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_sampled_sd_on_int8_blocks_follows_target_distribution(kernel_dir, temperature):
-    target = with_file_blocks(tiny_model(11, SMALL_VOCAB, scale=0.6), kernel_dir, int8_activations=True)
-    draft = tiny_model(12, SMALL_VOCAB, scale=0.6).bfloat16()  # disagrees with the target
-    prompt = [1, 4, 2, 1, 4]
-    samples = sd_samples(target, NeuralSpeculator(draft, SMALL_VOCAB), prompt, temperature, k=2)
-    joint = exact_joint(target, prompt, temperature)
-    total = sum(joint.values())
-    assert chi2_pvalue(samples, {cell: p / total for cell, p in joint.items()}) > 0.01
 
 
 def test_weights_file_int8_needs_a_gguf(tmp_path):

@@ -130,9 +130,9 @@ def quantized_blocks(model, fmt: str) -> dict[str, tuple[str, torch.Tensor]]:
     that came as dense weights. ~0.1 s for 12 M weights."""
     from gguf import GGMLQuantizationType, quants
 
-    from saguaro.models.linear import Linear
+    from saguaro.models.linear import Linear, embedding_matrices
 
-    embeddings = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    embeddings = embedding_matrices(model)
     kind = GGMLQuantizationType[fmt.upper()]
     return {name: (fmt, torch.from_numpy(quants.quantize(m.weight.detach().float().numpy(), kind)))
             for name, m in model.named_modules()

@@ -164,10 +164,10 @@ def fingerprint(model: nn.Module) -> str:
     meta = {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
             "config": repr(model.config)}
     digest.update(json.dumps(meta, sort_keys=True).encode())
-    blocks = {name: m.block_weight for name, m in model.named_modules() if getattr(m, "block_weight", None) is not None}
-    digest.update(json.dumps({name: m.block_format for name, m in model.named_modules()
-                              if getattr(m, "block_weight", None) is not None}, sort_keys=True).encode())
-    for name, tensor in sorted([*model.state_dict().items(), *((f"{n}.block_weight", b) for n, b in blocks.items())]):
+    blocks = {name: m for name, m in model.named_modules() if getattr(m, "block_weight", None) is not None}
+    digest.update(json.dumps({name: m.block_format for name, m in blocks.items()}, sort_keys=True).encode())
+    for name, tensor in sorted([*model.state_dict().items(),
+                                *((f"{n}.block_weight", m.block_weight) for n, m in blocks.items())]):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b"")

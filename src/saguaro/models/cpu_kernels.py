@@ -60,7 +60,7 @@ def load(cache_dir: Path) -> bool:
     torch.library.register_fake("saguaro_cpu::pack_weight")(_packed_shape)
     torch.library.register_fake("saguaro_cpu::packed_linear")(_linear_shape)
     torch.library.register_fake("saguaro_cpu::cached_attention")(_attention_shape)
-    for fmt in (*BLOCK_FORMATS, *(f"{f}{INT8}" for f in BLOCK_FORMATS)):
+    for fmt in KERNEL_FORMATS:
         torch.library.register_fake(f"saguaro_cpu::{fmt}_linear")(_linear_shape)
     return True
 
@@ -83,6 +83,7 @@ BLOCK_FORMATS = ("q4_1", "q8_0")
 # Suffix of a kernel format whose activations are quantized to int8 (csrc/int8_block_linear.cpp):
 # "q4_1_i8" multiplies by the same Q4_1 blocks as "q4_1", with VPDPBUSD.
 INT8 = "_i8"
+KERNEL_FORMATS = (*BLOCK_FORMATS, *(f"{fmt}{INT8}" for fmt in BLOCK_FORMATS))  # each has its op and pack op
 
 
 def int8_supported() -> bool:
@@ -148,7 +149,7 @@ def aoti_shims() -> dict:
             f"AOTITorchError aoti_torch_cpu_packed_linear({handle} x, {handle} packed, int64_t n, {handle}* out)"],
         **{getattr(torch.ops.saguaro_cpu, f"{fmt}_linear").default: [
             f"AOTITorchError aoti_torch_cpu_{fmt}_linear({handle} x, {handle} packed, int64_t n, {handle}* out)"]
-           for fmt in (*BLOCK_FORMATS, *(f"{f}{INT8}" for f in BLOCK_FORMATS))},
+           for fmt in KERNEL_FORMATS},
         torch.ops.saguaro_cpu.cached_attention.default: [
             f"AOTITorchError aoti_torch_cpu_cached_attention({handle} q, {handle} k, {handle} v, {handle} k_cache, "
             f"{handle} v_cache, int64_t layer, {handle} slots, {handle} mask, {handle}* out)"],

@@ -154,12 +154,17 @@ def use_file_blocks(model: nn.Module, blocks: dict[str, tuple[str, torch.Tensor]
     return list(taken)
 
 
+def embedding_matrices(model: nn.Module) -> set[int]:
+    """The storage of every embedding matrix in `model` (a head tied to one shares it)."""
+    return {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
 def drop_dense_weights(model: nn.Module) -> int:
     """Free the dense copy of every linear that multiplies by a GGUF file's blocks, so the model holds
     one copy of its weights (the packed blocks); a head tied to the embeddings keeps its matrix, which
     the embedding lookup needs. Afterwards those linears serve bfloat16 inference only. Returns the
     bytes freed."""
-    embeddings = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = embedding_matrices(model)
     freed = 0
     for module in model.modules():
         if isinstance(module, Linear) and module.block_weight is not None and not module.dense_dropped \

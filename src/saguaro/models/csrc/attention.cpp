@@ -73,23 +73,22 @@ inline __mmask16 seen_bits(const bool* allowed, int64_t s0, int64_t n) {
   return _mm_test_epi8_mask(bytes, bytes);
 }
 
-// R query rows (in float, D = NV * 16 each, and as they came, q_in) that share one key/value head,
-// against keys [0, S); row r may see key s where allowed[r][s]. Keys go 16 at a time, and a row's 16
-// scores are 16 fixed 16-lane dot products summed by sum_each: in bfloat16, VDPBF16PS over the query
-// and the key as stored (exact products, no widening); in float32, FMAs over keys widened once for all
-// R rows. The
-// softmax total sums key s in lane s % 16; values are accumulated key by key in index order. None of
-// that depends on the other rows, so a row's output is the same whatever rows share the call. Keys no
-// row may see are never read, and a score a row may not see is -inf whatever its key held.
+// R query rows (D = NV * 16 each, as stored) that share one key/value head, against keys [0, S); row r
+// may see key s where allowed[r][s]. Keys go 16 at a time, and a row's 16 scores are 16 fixed 16-lane dot
+// products summed by sum_each: in bfloat16, VDPBF16PS over the query and the key as stored (exact
+// products, no widening); in float32, FMAs over keys loaded once for all R rows. The softmax total sums
+// key s in lane s % 16; values are accumulated key by key in index order. None of that depends on the
+// other rows, so a row's output is the same whatever rows share the call. Keys no row may see are never
+// read, and a score a row may not see is -inf whatever its key held.
 template <typename T, int NV, int R>
-void attend_rows(const float* const* q, const T* const* q_in, const T* keys, const T* values,
-                 const bool* const* allowed, int64_t S, float scale, float* const* scores, T* const* out) {
+void attend_rows(const T* const* q, const T* keys, const T* values, const bool* const* allowed, int64_t S,
+                 float scale, float* const* scores, T* const* out) {
   constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
   constexpr int64_t D = NV * 16;
   const __m512 none = _mm512_set1_ps(-INFINITY), scales = _mm512_set1_ps(scale);
   __m512 tops[R];
   for (int r = 0; r < R; ++r) tops[r] = none;
-  alignas(64) float widened[16][D];
+  alignas(64) float widened[kBf16 ? 1 : 16][D];  // float32 keys of the chunk (bfloat16 reads them as stored)
   for (int64_t s0 = 0; s0 < S; s0 += 16) {
     const int64_t n = std::min<int64_t>(16, S - s0);
     const __mmask16 live = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
@@ -115,7 +114,7 @@ void attend_rows(const float* const* q, const T* const* q_in, const T* keys, con
           if (!((any >> j) & 1)) continue;  // a key no row sees is never read
           const T* key = keys + (s0 + j) * D;
           for (int i = 0; i < NV / 2; ++i)
-            dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)_mm512_loadu_si512(q_in[r] + 32 * i),
+            dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)_mm512_loadu_si512(q[r] + 32 * i),
                                        (__m512bh)_mm512_loadu_si512(key + 32 * i));
         }
       } else {
@@ -186,8 +185,8 @@ void write_slots(const at::Tensor& x, at::Tensor& cache, const at::Tensor& slots
 
 // Rows per call of attend_rows: their accumulators fill the registers (R * NV <= 24).
 template <typename T, int NV>
-using AttendRows = void (*)(const float* const*, const T* const*, const T*, const T*, const bool* const*, int64_t,
-                            float, float* const*, T* const*);
+using AttendRows = void (*)(const T* const*, const T*, const T*, const bool* const*, int64_t, float,
+                            float* const*, T* const*);
 
 template <typename T, int NV>
 constexpr AttendRows<T, NV> kAttendRows[6] = {attend_rows<T, NV, 1>, attend_rows<T, NV, 2>,
@@ -210,27 +209,24 @@ void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
   const bool* mp = mask.const_data_ptr<bool>();
   T* op = out.mutable_data_ptr<T>();
   at::parallel_for(0, B * Hk * chunks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf(kChunk * D), scores(kChunk * S);
+    std::vector<float> scores(kChunk * S);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hk * chunks), hk = (i / chunks) % Hk, c = i % chunks;
       const int64_t r0 = c * kChunk, count = std::min(kChunk, rows - r0);
-      const float* qrows[kChunk];
-      const T* q_in[kChunk];
+      const T* qrows[kChunk];
       const bool* allowed[kChunk];
       float* score_rows[kChunk];
       T* out_rows[kChunk];
       for (int64_t r = 0; r < count; ++r) {
         const int64_t h = hk * group + (r0 + r) / Tq, t = (r0 + r) % Tq;
         const int64_t row = (b * H + h) * Tq + t;
-        for (int64_t d = 0; d < D; d += 16) store16(qf.data() + r * D + d, load16(qp + row * D + d));
-        qrows[r] = qf.data() + r * D;
-        q_in[r] = qp + row * D;
+        qrows[r] = qp + row * D;
         allowed[r] = mp + (b * Tq + t) * S;
         score_rows[r] = scores.data() + r * S;
         out_rows[r] = op + row * D;
       }
       const int64_t kv = (b * Hk + hk) * C * D;
-      kAttendRows<T, NV>[count - 1](qrows, q_in, kp + kv, vp + kv, allowed, S, scale, score_rows, out_rows);
+      kAttendRows<T, NV>[count - 1](qrows, kp + kv, vp + kv, allowed, S, scale, score_rows, out_rows);
     }
   });
 }

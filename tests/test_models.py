@@ -85,6 +85,34 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
         load_model(bad)
 
 
+def test_gguf_conversions_are_keyed_by_content_and_pruned(tmp_path, monkeypatch):
+    """A copy of the same GGUF elsewhere (a clean clone, a temporary directory) reuses its conversion,
+    and old conversions do not pile up in the cache (each is a dense copy of the model)."""
+    from saguaro import loader
+
+    monkeypatch.setenv("SAGUARO_CACHE", str(tmp_path / "cache"))
+    made = []
+
+    def fake_convert(path, out):
+        made.append(path)
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setattr(loader, "gguf_to_hf", fake_convert)
+    files = []
+    for i, content in enumerate([b"one", b"one", *(f"other{j}".encode() for j in range(loader.KEEP_CONVERSIONS + 1))]):
+        f = tmp_path / f"copy{i}" / "model.gguf"
+        f.parent.mkdir()
+        f.write_bytes(content)
+        files.append(f)
+    first, second = loader.converted_gguf_dir(files[0]), loader.converted_gguf_dir(files[1])
+    assert first == second and made == [files[0]]
+    dirs = [loader.converted_gguf_dir(f) for f in files[2:]]
+    assert len(set(dirs)) == len(dirs) and len(made) == 1 + len(dirs)
+    kept = sorted((tmp_path / "cache" / "converted").iterdir())
+    assert len(kept) == loader.KEEP_CONVERSIONS and not first.exists() and dirs[-1] in kept
+
+
 def test_packed_linear_matches_nn_linear_and_follows_weight_updates():
     from saguaro.models.linear import Linear
 

@@ -8,10 +8,12 @@ Nothing here unpickles: weights come only from safetensors or GGUF.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -285,15 +287,42 @@ def load_gguf_tokenizer(gguf_path: Path):
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
+KEEP_CONVERSIONS = 4  # each holds a dense copy of its model (about 600 MB for the embedded target)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of the file's bytes (0.2 s for 100 MB, once per process and file version): a copy of the
+    same GGUF elsewhere (a clean clone, a test's temporary directory) reuses its conversion."""
+    digest = hashlib.sha256(f"{CONVERSION_VERSION}|".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def converted_gguf_dir(gguf_path: Path) -> Path:
-    """Convert (once) and return the cached HF directory for a GGUF file."""
+    """Convert (once per file content) and return the cached HF directory for a GGUF file; only the
+    `KEEP_CONVERSIONS` most recently used conversions are kept."""
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CONVERSION_VERSION}".encode())
-    out = cache_root() / "converted" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    key = _content_key(str(gguf_path.resolve()), st.st_size, st.st_mtime_ns)
+    root = cache_root() / "converted"
+    out = root / f"{gguf_path.stem}-{key[:12]}"
     if not (out / "model.safetensors").is_file():
         log.info("converting %s to %s (first load only)", gguf_path.name, out)
         gguf_to_hf(gguf_path, out)
+    os.utime(out)  # last used now
+    prune_conversions(root)
     return out
+
+
+def prune_conversions(root: Path, keep: int = KEEP_CONVERSIONS) -> list[Path]:
+    """Delete all but the `keep` most recently used converted directories."""
+    dirs = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in dirs[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("removed a GGUF conversion not used recently: %s", old.name)
+    return dirs[keep:]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

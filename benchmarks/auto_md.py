@@ -26,7 +26,8 @@ def serve_section(results: Path) -> list[str]:
     data = json.loads(path.read_text())
     lines = ["## The server under concurrent clients", "",
              f"`{data['meta']['command']}`: each client streams one held-out ShareGPT chat request for "
-             "96 tokens (official `openai` client), the two servers run one after the other (A B B A).", "",
+             "96 tokens (official `openai` client), the two servers run one after the other (A B B A); "
+             "tokens/s are summed over the clients' requests, and over the repeats.", "",
              "| clients | T | default tok/s | `--mode ar` tok/s | default / ar | default TTFT s | ar TTFT s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in data["table"]:
@@ -60,26 +61,57 @@ def auto_section(results: Path) -> list[str]:
     files = sorted(results.glob("auto_t*.json"))
     if not files:
         return []
-    lines = ["## b = 1: the default against AR and SSD", "",
-             "`python benchmarks/ssd_vs_sd.py --k 4 --num-prompts 4 --max-tokens 64 --temperature T "
-             "--modes ar,ssd,auto` (held-out chat prompts, modes interleaved prompt by prompt; AR and auto "
-             "start from every core, SSD's target has one and its worker the other). The run starts with no "
-             "remembered clocks (engine/auto_memory.py): the first T = 0 run pays the first use's measuring "
-             "rounds, the later ones (and \"0, again\", the same command last) start from what the earlier "
-             "processes measured.", "",
-             "| T | dataset | AR tok/s | SSD / AR | auto / AR | SSD rounds within auto (the rest AR) | same tokens as AR |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    runs = [(p.name, json.loads(p.read_text())) for p in files]
     order = {"auto_t0.json": 0, "auto_t0.7.json": 1, "auto_t1.json": 2, "auto_t0-again.json": 3}
-    runs = [(p.name, json.loads(p.read_text())) for p in sorted(files, key=lambda p: order.get(p.name, 9))]
+    runs.sort(key=lambda run: order.get(run[0], 9))
+    config = runs[0][1]["config"]
+    modes = [m for m in ("sd-2core", "sd-2core-stop", "ssd") if m in runs[0][1]["results"]["humaneval"]]
+    names = {"sd-2core": "SD K=4", "sd-2core-stop": "SD, stop where unsure", "ssd": "SSD"}
+    lines = ["## b = 1: the default against AR, SD and SSD", "",
+             f"`python benchmarks/ssd_vs_sd.py --k {config['k']} --num-prompts {config['num_prompts']} "
+             f"--max-tokens {config['max_tokens']} --temperature T --modes {config['modes']}` (held-out chat "
+             "prompts, modes interleaved prompt by prompt; AR, SD and auto have every core, SSD's target one "
+             "and its worker the other; SD \"stop where unsure\" drafts past a token only where the draft's "
+             "top probability was at least "
+             f"{config.get('min_confidence', 0.8)}, as auto's SD does). The run starts with no remembered "
+             "clocks (engine/auto_memory.py): the first T = 0 run pays the first use's measuring rounds, the "
+             "later ones (and \"0, again\", the same command last) start from what the earlier processes "
+             "measured.", "",
+             "| T | dataset | AR tok/s | " + " | ".join(f"{names[m]} / AR" for m in modes)
+             + " | auto / AR | speculative rounds within auto | same tokens as AR |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in modes) + " | --- | --- | --- |"]
     for name, data in runs:
         t = f"{data['config']['temperature']:g}" + (", again" if "again" in name else "")
         for dataset, res in data["results"].items():
             auto = res["auto"]
             same = auto.get("identical_to_ar", "-")
             ran = auto.get("rounds") or 0  # speculative rounds in the measured prompts
-            lines.append(f"| {t} | {dataset} | {res['ar']['tokens_per_s']:.1f} | {res['ssd']['speedup_vs_ar']:.2f} | "
+            cells = " | ".join(f"{res[m]['speedup_vs_ar']:.2f}" for m in modes)
+            lines.append(f"| {t} | {dataset} | {res['ar']['tokens_per_s']:.1f} | {cells} | "
                          f"{auto['speedup_vs_ar']:.2f} | {ran} | {same} |")
     return lines + [""]
+
+
+def draft_length_section(results: Path) -> list[str]:
+    path = results / "draft_length_2t.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    lines = ["## How long should the draft's proposals be", "",
+             f"`{meta['command']}`: the target decodes held-out chat prompts greedily, the draft reads the same "
+             "text, and SD rounds are replayed from its top probabilities and argmax agreement, with the "
+             f"measured costs: a drafting step {meta['draft_cost']:.3f} of a target step, verification of "
+             "2..K+1 tokens " + ", ".join(f"{v:.2f}" for v in meta["verify_cost"]) + " steps. Cells: tokens "
+             "per unit of AR time (1.0 = AR), by K (rows) and min_confidence (columns; 0 = always K).", ""]
+    for dataset, res in data["results"].items():
+        table = res["x_ar"]
+        taus = list(next(iter(table.values())))
+        lines += [f"{dataset}, greedy agreement {res['agreement']:.3f}:", "",
+                  "| K | " + " | ".join(taus) + " |", "| --- | " + " | ".join("---" for _ in taus) + " |"]
+        lines += [f"| {k[2:]} | " + " | ".join(f"{v:.2f}" for v in row.values()) + " |" for k, row in table.items()]
+        lines.append("")
+    return lines
 
 
 def forward_section(results: Path) -> list[str]:
@@ -96,7 +128,8 @@ def forward_section(results: Path) -> list[str]:
     for r in rows:
         one, five = r.get("compiled_1_ms"), r.get("compiled_5_ms")
         cells = f"{one:.1f} | {five:.1f} | {five / one:.2f}" if one and five else "- | - | -"
-        weights = {"file": "GGUF blocks (Q4_1/Q8_0)"}.get(r.get("weights"), "dense")
+        weights = {"file": "GGUF blocks (Q4_1/Q8_0)", "file-int8": "GGUF blocks, int8 activations"}.get(
+            r.get("weights"), "dense")
         lines.append(f"| {r['dtype']} | {weights} | {r['threads']} | {r['eager_1_ms']:.1f} | {r['eager_5_ms']:.1f} | "
                      f"{cells} |")
     return lines + [""]
@@ -111,7 +144,7 @@ def main() -> None:
     lines = ["# mode auto and the forward: one recorded run", "",
              f"Generated by `benchmarks/auto_md.py` from `benchmarks/record_auto.sh`; CPU: {cpu_line(results)}.",
              "Absolute numbers move ~10% between runs on this VM; read the ratios within a row.", ""]
-    lines += serve_section(results) + auto_section(results) + forward_section(results)
+    lines += serve_section(results) + auto_section(results) + draft_length_section(results) + forward_section(results)
     Path(args.out).write_text("\n".join(lines))
 
 

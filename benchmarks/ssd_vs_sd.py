@@ -3,6 +3,8 @@
   ar        the target alone on every core
   sd-1core  SD with the draft on the target's core (the paper's baseline: same target hardware)
   sd-2core  SD with both cores for target and draft in turn (equal hardware)
+  sd-2core-stop  the same, each row drafting on only past tokens the draft was sure of
+            (--min-confidence, default the one mode auto uses)
   ssd       the target on one core, the draft worker on the other, overlapping
   ssd-no-lookup  the same without prompt lookup ahead of the cache (the paper's mechanism alone)
 
@@ -27,9 +29,11 @@ from tqdm import tqdm
 
 from saguaro import LLM
 from saguaro.bench import EngineRunner, cpu_flags, run_batch, summarize
+from saguaro.llm import auto_mode
 from saguaro.prompts import load_prompts
 from saguaro.sampling import SamplingParams
 from saguaro.speculators.draft import is_feature_checkpoint
+from saguaro.ssd.options import AUTO_MIN_CONFIDENCE
 
 log = logging.getLogger("ssd_vs_sd")
 
@@ -81,7 +85,10 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--datasets", default="humaneval,sharegpt")
     ap.add_argument("--fanout-budget", type=int, default=0)
-    ap.add_argument("--modes", help="a subset of ar,sd-1core,sd-2core,ssd,ssd-no-lookup,auto (default: all)")
+    ap.add_argument("--modes", help="a subset of ar,sd-1core,sd-2core,sd-2core-stop,ssd,ssd-no-lookup,auto "
+                                    "(default: all)")
+    ap.add_argument("--min-confidence", type=float, default=AUTO_MIN_CONFIDENCE,
+                    help="sd-2core-stop: where a row stops drafting (default %(default)s)")
     ap.add_argument("--draft", help="draft checkpoint (default: the embedded one); a feature-conditioned draft "
                                     "runs the SD modes and auto (SD or AR), not SSD")
     ap.add_argument("--weights", default="auto", choices=["auto", "file", "file-int8", "dense"],
@@ -95,7 +102,8 @@ def main() -> None:
         raise SystemExit("needs two cores")
     llm = LLM(mode="ar", weights=args.weights)
     feature = is_feature_checkpoint(args.draft)
-    wanted = args.modes.split(",") if args.modes else ["ar", "sd-1core", "sd-2core", "ssd", "ssd-no-lookup", "auto"]
+    wanted = args.modes.split(",") if args.modes else ["ar", "sd-1core", "sd-2core", "sd-2core-stop", "ssd",
+                                                        "ssd-no-lookup", "auto"]
     if feature and {"ssd", "ssd-no-lookup"} & set(wanted):
         raise SystemExit("SSD does not run a feature-conditioned draft yet: leave ssd and ssd-no-lookup out of --modes")
     ssd = None
@@ -110,16 +118,20 @@ def main() -> None:
         draft_steps = getattr(getattr(sd.speculator, "draft", None), "compiled", None)
         if draft_steps is not None:
             draft_steps.ensure(1)
-    auto = (llm.make_engine("sd", args.draft, args.k, auto=True) if feature else
-            llm.make_engine("ssd", args.draft, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:],
-                            auto=True))
+    sd_stop = llm.make_engine("sd", args.draft, args.k, min_confidence=args.min_confidence)
+    if auto_mode(True, "cpu", len(cores), 0) == "sd" or feature:  # what LLM(mode="auto") runs here
+        auto = llm.make_engine("sd", args.draft, args.k, auto=True)
+    else:
+        auto = llm.make_engine("ssd", args.draft, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:],
+                               auto=True)
     modes = {  # runner, cores it runs on
         "ar": (EngineRunner(llm.engine), cores),
         "sd-1core": (EngineRunner(sd), cores[:1]),
         "sd-2core": (EngineRunner(sd), cores),
+        "sd-2core-stop": (EngineRunner(sd_stop), cores),
         "ssd": (EngineRunner(ssd), cores[:-1]),
         "ssd-no-lookup": (NoLookup(ssd), cores[:-1]),  # the same engine and worker, lookup off
-        "auto": (EngineRunner(auto), cores),  # the default: SSD or AR round by round (engine/auto.py)
+        "auto": (EngineRunner(auto), cores),  # the default: speculation or AR round by round (engine/auto.py)
     }
     modes = {m: modes[m] for m in wanted}
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
@@ -153,7 +165,7 @@ def main() -> None:
         for m in names:
             r = res[m]
             r["speedup_vs_ar"] = r["tokens_per_s"] / res["ar"]["tokens_per_s"]
-            for base in ("sd-1core", "sd-2core"):
+            for base in ("sd-1core", "sd-2core", "sd-2core-stop"):
                 if base in res:
                     r[f"speedup_vs_{base.replace('-', '_')}"] = r["tokens_per_s"] / res[base]["tokens_per_s"]
             if args.temperature == 0:

@@ -234,3 +234,79 @@ def test_a_worker_lost_while_auto_resyncs_finishes_on_the_local_draft_equal_to_a
                            policy=inner.fixed_policy(), round_rule=Alternating(first, period=2))
         got, _ = run(engine, ps, params)
         assert got == want and engine.degraded is not None
+
+
+def test_a_mode_clock_weighs_rounds_by_their_tokens_and_leaves_stalls_out():
+    """Speculative rounds yield 1 to K+1 tokens: most yield one and cost more than a plain step, the
+    long ones pay for them. The clock is time over tokens (a median of per-round rates would call
+    this mode slower than a plain step at 1.0 s a token), and a stalled round does not count."""
+    from saguaro.engine.auto import ModeClock
+
+    clock = ModeClock()
+    for seconds, tokens in [(1.2, 1), (1.2, 1), (1.2, 1), (1.4, 3), (1.4, 3)] * 3:
+        clock.add(seconds, tokens)
+    assert clock.per_token_s == pytest.approx((1.2 * 3 + 1.4 * 2) / 9)  # 0.71 s a token
+    clock.add(60.0, 1)  # stalled
+    assert clock.per_token_s < 0.75
+
+
+def test_a_near_tie_keeps_the_running_mode():
+    """The other mode takes over only when it measures `switch_margin` faster: near a tie the noise of
+    a busy machine would otherwise flip the mode back and forth, paying a settling round each time."""
+    from saguaro.engine.auto import ModeClock
+
+    rule = MeasuredRounds(speculative="sd", warmup=1, explore_every=10_000)
+
+    def clock(per_token):
+        c = ModeClock()
+        c.add(per_token, 1)
+        return c
+
+    rule.clocks[("greedy", "sd")], rule.clocks[("greedy", "ar")] = clock(1.00), clock(1.02)
+    assert rule(1, 0).mode == "sd"
+    rule.clocks[("greedy", "ar")] = clock(0.99)  # 1% faster: noise
+    assert rule(1, 0).mode == "sd"
+    rule.clocks[("greedy", "ar")] = clock(0.90)
+    assert rule(1, 0).mode == "ar"
+    rule.clocks[("greedy", "sd")] = clock(0.89)  # and back only past the margin again
+    assert rule(1, 0).mode == "ar"
+    rule.clocks[("greedy", "sd")] = clock(0.80)
+    assert rule(1, 0).mode == "sd"
+
+
+def test_rounds_where_the_draft_reads_a_prompt_are_not_timed():
+    """SD's draft reads a row's prompt lazily, in the row's first speculative round (and catches up after
+    plain rounds): those rounds cost what no other SD round does, so auto does not time them."""
+    from saguaro.engine.speculative import SDEngine
+    from saguaro.speculators import NeuralSpeculator
+
+    target = tiny_model(2, VOCAB)
+    rule = MeasuredRounds(speculative="sd", warmup=2, explore_every=3, explore_rounds=2)
+    engine = SDEngine(target, NeuralSpeculator(perturbed(target, 2, 0.05), VOCAB, min_confidence=0.3), 4, STOP,
+                      round_rule=rule)
+    observed, untimed = [], []
+    observe, speculative_round = rule.observe, engine._speculative_round
+    rule.observe = lambda choice, *rest: (observed.append(choice.mode), observe(choice, *rest))
+    engine._speculative_round = lambda: (timed := speculative_round(), untimed.append(not timed))[0]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    want, _ = run(AREngine(target, STOP), prompts(5, 1), params)
+    got, _ = run(engine, prompts(5, 1), params)
+    assert got == want
+    assert untimed[0] and not all(untimed)  # the prompt was read in the first SD round
+    assert observed.count("sd") == untimed.count(False)
+
+
+def test_a_band_with_a_prior_runs_it_until_the_other_mode_measures_clearly_faster():
+    from saguaro.engine.auto import ModeClock
+
+    def clock(per_token):
+        c = ModeClock()
+        c.add(per_token, 1)
+        return c
+
+    rule = MeasuredRounds(speculative="sd", warmup=1, explore_every=10_000, prior={"greedy": "sd", "sampled": "ar"})
+    rule.clocks.update({("greedy", "sd"): clock(1.05), ("greedy", "ar"): clock(1.00),  # AR 5% faster: noise
+                        ("sampled", "sd"): clock(0.97), ("sampled", "ar"): clock(1.00)})
+    assert rule(1, 0).mode == "sd" and rule(1, 1).mode == "ar"
+    rule.clocks[("greedy", "ar")] = clock(0.80)
+    assert rule(1, 0).mode == "ar"

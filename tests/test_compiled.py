@@ -143,6 +143,9 @@ def test_prune_keeps_the_most_recently_used_libraries(tmp_path):
     removed = compiled_mod.prune(tmp_path, keep=3)
     assert sorted(p.name for p in removed) == ["lib3.pt2", "lib4.pt2"]
     assert sorted(p.name for p in tmp_path.glob("*.pt2")) == ["lib0.pt2", "lib1.pt2", "lib2.pt2"]
+    (tmp_path / "lib1.pt2").write_bytes(b"x" * 10)  # now the newest, and over a byte budget alone
+    removed = compiled_mod.prune(tmp_path, keep=3, keep_bytes=5)
+    assert sorted(p.name for p in removed) == ["lib0.pt2", "lib2.pt2"]  # the newest stays whatever its size
 
 
 def test_kernel_path_is_thread_count_invariant(tmp_path):

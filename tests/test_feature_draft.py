@@ -297,7 +297,7 @@ def test_auto_remembers_its_clocks_for_the_next_process_on_the_same_setup(featur
 
     monkeypatch.setenv("SAGUARO_AUTO_MEMORY", "1")
     monkeypatch.setattr(ssd_setup, "cache_root", lambda: tmp_path)
-    params = SamplingParams(temperature=0, max_tokens=12)
+    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)  # past both warm-ups
     with LLM(draft=str(feature_draft_dir), compile=False) as first:
         assert first.mode == "auto" and not first.engine.round_rule.clocks  # nothing to start from
         first.generate("def add(a, b):", params)

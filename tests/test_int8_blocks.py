@@ -142,8 +142,8 @@ def test_a_draft_on_int8_blocks_keeps_sd_and_ssd_exact(kernel_dir, monkeypatch):
 
 
 def test_sd_with_a_compiled_draft_on_int8_blocks_equals_ar(kernel_dir, tmp_path):
-    """SD compiles the draft's one-token step beside the target's: the same logits as eager, bitwise,
-    and greedy SD still equals AR."""
+    """SD compiles the draft's one- and two-token steps beside the target's: the same logits as eager,
+    bitwise, and greedy SD still equals AR, with K proposals a round or fewer where the draft is unsure."""
     from saguaro.speculators.draft import on_cpu_kernels
 
     target = with_file_blocks(tiny_model(3, VOCAB, head_dim=64, tie_embeddings=True), kernel_dir)
@@ -152,7 +152,7 @@ def test_sd_with_a_compiled_draft_on_int8_blocks_equals_ar(kernel_dir, tmp_path)
     assert on_cpu_kernels(draft) == "q4_1_i8"
     eager = perturbed(tiny_model(3, VOCAB, head_dim=64, tie_embeddings=True), 1, 0.05).bfloat16()
     on_cpu_kernels(eager)
-    draft.compiled = compile_step(draft, tmp_path, [(1, None)], progress=False)
+    draft.compiled = compile_step(draft, tmp_path, [(1, None), (2, None)], progress=False)
     caches = [m.new_cache(1, 64) for m in (draft, eager)]
     ids = torch.arange(20)[None] % VOCAB
     for m, c in zip((draft, eager), caches):
@@ -163,9 +163,12 @@ def test_sd_with_a_compiled_draft_on_int8_blocks_equals_ar(kernel_dir, tmp_path)
         assert torch.equal(draft(x, caches[0]), eager(x, caches[1]))
         for c in caches:
             c.lengths += 1
-    assert draft.compiled.stats.compiled_calls == 8
+    pair, last = torch.tensor([[7, 11]]), torch.tensor([[1]])  # a round's start after a fully accepted one
+    assert torch.equal(draft(pair, caches[0], logits_at=last), eager(pair, caches[1], logits_at=last))
+    assert draft.compiled.stats.compiled_calls == 9
     params = SamplingParams(temperature=0, max_tokens=40)
-    seqs = [Sequence([5, 9, 17, 3, 22, 9, 17], params) for _ in range(2)]
+    seqs = [Sequence([5, 9, 17, 3, 22, 9, 17], params) for _ in range(3)]
     AREngine(target, set()).run(seqs[:1])
-    SDEngine(target, NeuralSpeculator(draft, VOCAB), 4, set()).run(seqs[1:])
-    assert seqs[0].output_ids == seqs[1].output_ids and len(seqs[0].output_ids) == 40
+    SDEngine(target, NeuralSpeculator(draft, VOCAB), 4, set()).run(seqs[1:2])
+    SDEngine(target, NeuralSpeculator(draft, VOCAB, min_confidence=0.5), 4, set()).run(seqs[2:])
+    assert seqs[0].output_ids == seqs[1].output_ids == seqs[2].output_ids and len(seqs[0].output_ids) == 40

@@ -159,7 +159,7 @@ def test_sampled_sd_with_reduced_draft_head_follows_target_distribution():
     assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) > 0.01
 
 
-def wrong_verify(draft_tokens, q, p, generators):
+def wrong_verify(draft_tokens, q, p, generators, lengths=None):
     """Negative control: on rejection resample from p instead of the residual max(0, p - q)."""
     from saguaro.sampling import uniform
 
@@ -189,6 +189,61 @@ def test_greedy_verification_equals_the_rule_with_one_hot_p():
         drafts = torch.where(torch.rand(3, k, generator=g) < 0.6, targets[:, :k], torch.randint(0, vocab, (3, k), generator=g))
         p = torch.zeros(3, k + 1, vocab).scatter_(-1, targets[..., None], 1.0)
         q = torch.softmax(torch.randn(3, k, vocab, generator=g) * 3, -1) if trial % 2 else None
-        want = verify(drafts, q, p, [torch.Generator().manual_seed(trial + i) for i in range(3)])
-        got = verify_greedy(drafts, targets)
+        lengths = torch.randint(0, k + 1, (3,), generator=g) if trial % 3 == 0 else None  # some propose fewer
+        want = verify(drafts, q, p, [torch.Generator().manual_seed(trial + i) for i in range(3)], lengths)
+        got = verify_greedy(drafts, targets, lengths)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        if lengths is not None:
+            assert bool((got[0] <= lengths).all())
+
+
+# --------------------------------------------------------------------------- drafts of varying length
+
+@pytest.mark.parametrize("kind", ["close", "random"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_sd_stopping_where_unsure_equals_ar(kind, batch):
+    """A draft that stops where its top probability is low proposes rows of different lengths in one
+    round; greedy output is still AR's, token for token."""
+    params = SamplingParams(temperature=0, max_tokens=24)
+    rounds = drafted = 0
+    for seed, k in itertools.product(range(3), (2, 4, 7)):
+        target = tiny_model(seed, VOCAB)
+        ps = prompts(seed * 10 + k, batch)
+        want, _ = run(AREngine(target, STOP), ps, params)
+        draft = perturbed(target, seed, 0.05) if kind == "close" else tiny_model(seed + 100, VOCAB)
+        got, seqs = run(SDEngine(target, NeuralSpeculator(draft, VOCAB, min_confidence=0.45), k, STOP), ps, params)
+        assert got == want, (kind, seed, k)
+        rounds += sum(s.stats.rounds * k for s in seqs)
+        drafted += sum(s.stats.drafted for s in seqs)
+    assert 0 < drafted < rounds  # some rounds stopped early, some drafted on
+
+
+class PeekingSpeculator(NeuralSpeculator):
+    """Negative control: the proposal ends before the first token whose own q is low, a rule that looks
+    at the token drawn, not only at what came before it."""
+
+    def propose(self, seqs, k):
+        proposal = super().propose(seqs, k)
+        own_q = proposal.q.gather(-1, proposal.tokens[..., None])[..., 0]
+        proposal.lengths = (own_q >= self.peek).int().cumprod(-1).sum(-1)
+        return proposal
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sampled_sd_stopping_where_unsure_follows_target_distribution(temperature):
+    target, _, prompt = statistical_setup("neural")
+    spec = NeuralSpeculator(tiny_model(12, SMALL_VOCAB, scale=0.6), SMALL_VOCAB, min_confidence=0.6)
+    seqs = [Sequence(list(prompt), SamplingParams(temperature=temperature, max_tokens=3, seed=i))
+            for i in range(N_SAMPLES)]
+    SDEngine(target, spec, 3, set(), max_batch_size=N_SAMPLES).run(seqs)
+    assert 0 < sum(s.stats.drafted for s in seqs) < 3 * sum(s.stats.rounds for s in seqs)
+    samples = [tuple(s.output_ids) for s in seqs]
+    assert chi2_pvalue(samples, exact_joint(target, prompt, temperature)) > 0.01
+
+
+def test_negative_control_stopping_on_the_drawn_token_fails():
+    target, _, prompt = statistical_setup("neural")
+    spec = PeekingSpeculator(tiny_model(12, SMALL_VOCAB, scale=0.6), SMALL_VOCAB)
+    spec.peek = 0.5
+    samples = sd_samples(target, spec, prompt, 1.0, k=3)
+    assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) < 0.01

@@ -34,7 +34,7 @@ LLAMACPP_MODES = ("llamacpp", "llamacpp-f32")
 
 def parse_mode(spec: str) -> tuple[str, str | None]:
     """A bench mode -> (engine mode, draft): 'sd-ngram' is SD with the n-gram speculator; 'auto' is the
-    default's SSD-or-AR per round (engine/auto.py)."""
+    default's speculation-or-AR per round (engine/auto.py)."""
     if spec not in MODES:
         raise ValueError(f"unknown bench mode {spec!r}; choose from {', '.join(MODES)}")
     if spec == "sd-ngram":
@@ -118,14 +118,14 @@ def make_runners(llm, modes: list[str], k: int, draft, ssd: SSDOptions | None = 
                 mode, llm.target_path, llm.tokenizer.stop_token_ids, threads=torch.get_num_threads(),
                 n_ctx=llm.target.config.max_position))
         else:
-            if mode == "auto":  # a feature draft's speculation is SD (SSD does not run it yet)
-                from saguaro.embedded import embedded_draft_path
-                from saguaro.speculators.draft import is_feature_checkpoint
+            if mode == "auto":  # what LLM(mode="auto") weighs against AR on this machine
+                from saguaro.llm import auto_speculation
 
-                speculative = "sd" if is_feature_checkpoint(draft or embedded_draft_path()) else "ssd"
-                engine = llm.make_engine(speculative, draft, k, ssd=replace(ssd or SSDOptions(), auto=True))
+                options = replace(ssd or SSDOptions(), auto=True)
+                engine = llm.make_engine(auto_speculation(draft, str(llm.target.device), options), draft, k,
+                                         ssd=options)
             else:
-                engine = llm.make_engine(mode, spec_draft or draft, k, ssd=ssd if mode == "ssd" else None)
+                engine = llm.make_engine(mode, spec_draft or draft, k, ssd=ssd if mode in ("ssd", "sd") else None)
             runners[spec] = EngineRunner(engine)
     return runners
 

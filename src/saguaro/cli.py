@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from saguaro.ssd.options import (FALLBACK_CHOICES, FANOUT_SHAPES, PRIOR_ACCEPTANCE, PRIOR_R, PROMPT_LOOKUP_MIN_MATCH,
-                                 SSDOptions)
+from saguaro.ssd.options import (AUTO_MIN_CONFIDENCE, FALLBACK_CHOICES, FANOUT_SHAPES, PRIOR_ACCEPTANCE, PRIOR_R,
+                                 PROMPT_LOOKUP_MIN_MATCH, SSDOptions)
 
 log = logging.getLogger("saguaro")
 
@@ -40,10 +40,14 @@ def _core_list(text: str) -> list[int]:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["auto", "ar", "sd", "ssd"], default="auto",
-                   help="decoding mode; auto (default): ssd when a second core or GPU can run the draft, else ar")
+                   help="decoding mode; auto (default): speculation (sd on a CPU, ssd where the draft has a GPU or "
+                        "worker of its own) or ar, round by round, whichever measures faster")
     p.add_argument("--target", help="target checkpoint: HF directory or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--draft", help="draft checkpoint, or 'ngram' (default: the embedded distilled draft)")
-    p.add_argument("--k", type=_positive_int, default=4, help="draft tokens per round (default: 4)")
+    p.add_argument("--k", type=_positive_int, default=4, help="draft tokens per round, at most (default: 4)")
+    p.add_argument("--min-confidence", type=float,
+                   help="sd: a row stops drafting after a token the draft gave less than this top probability "
+                        f"(default: {AUTO_MIN_CONFIDENCE} under mode auto, 0 = always K under --mode sd)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64", "bfloat16", "float16"],
                    help="auto (default): bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX), else float32")
     p.add_argument("--weights", default="auto", choices=["auto", "file", "file-int8", "dense"],
@@ -143,7 +147,7 @@ def ssd_options(args):
                           r=args.power_r, saguaro_c=args.saguaro_c, fallback=args.fallback, worker=not args.no_worker,
                           fit=not args.fixed_fanout, draft_cores=args.draft_cores, draft_threads=args.draft_threads,
                           prompt_lookup_min_match=args.lookup_min_match, worker_timeout=args.worker_timeout,
-                          draft_worker=args.draft_worker or None)
+                          draft_worker=args.draft_worker or None, min_confidence=args.min_confidence)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -153,7 +157,7 @@ def make_llm(args):
 
     if getattr(args, "draft_worker", None) and args.mode not in ("ssd", "auto"):
         raise UsageError(f"--draft-worker drafts for SSD: use --mode ssd or auto, not {args.mode}")
-    ssd = ssd_options(args) if args.mode in ("ssd", "auto") else None
+    ssd = ssd_options(args) if args.mode in ("ssd", "auto", "sd") else None
     return LLM(args.target, mode=args.mode, draft=args.draft, k=args.k, dtype=args.dtype,
                device=args.device, threads=args.threads, ssd=ssd,
                compile=None if args.compile else False, weights=args.weights)

@@ -80,20 +80,38 @@ class RequestOutput:
 
 
 def auto_mode(has_draft: bool, device: str, cores: int, gpus: int, remote_worker: bool = False) -> str:
-    """What mode="auto" runs: SSD when there is a neural draft and a second core (or GPU) for it to
-    run on beside the target, or a draft worker started by hand to attach to, else AR. (On one
-    shared core SD was level with AR in our benchmark, 0.95-1.05x, so the simpler path is kept; see README.)"""
+    """What mode="auto" weighs against AR round by round (engine/auto.py): with a neural draft, SSD when
+    its draft has hardware of its own (a second GPU, or a draft worker started by hand to attach to),
+    and on a CPU SD on every core, each row drafting only while the draft is sure. On the 2-core CPUs
+    we measured, SSD's split (the target on one core, the draft on the other) verified at ~14 ms a
+    round against ~8.6 on both cores, and SD on both cores beat SSD (docs/results.md); without a
+    draft, AR."""
     if not has_draft:
         return "ar"
-    spare = remote_worker or (gpus > 1 if device.startswith("cuda") else cores > 1)
-    return "ssd" if spare else "ar"
+    if remote_worker:
+        return "ssd"
+    if device.startswith("cuda"):
+        return "ssd" if gpus > 1 else "ar"
+    return "sd"
+
+
+def auto_speculation(draft, device: str, ssd: SSDOptions) -> str:
+    """The speculative mode `auto` weighs against AR for a neural `draft` (None: the embedded one)."""
+    from saguaro.engine.ssd_setup import available_cores
+
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    mode = auto_mode(True, device, len(available_cores()), gpus, remote_worker=ssd.draft_worker is not None)
+    if mode == "ssd" and is_feature_checkpoint(draft or embedded_draft_path()):
+        mode = "sd"  # a feature draft runs in SD, on every core (SSD does not run it yet)
+    return mode
 
 
 class LLM:
     """Load a target (default: the embedded SmolLM2-135M-Instruct) and, for speculative modes, a draft.
 
-    mode: "auto" (SSD for the embedded pair, or with a `draft`, when a second core or GPU is free;
-    else AR), "ar", "sd" or "ssd".
+    mode: "auto" (with a neural draft, speculation or AR round by round, whichever measures faster:
+    SD on every core on a CPU, SSD where the draft has a GPU or worker of its own; see `auto_mode`),
+    "ar", "sd" or "ssd".
     dtype: "auto" (default) runs bfloat16 where the CPU multiplies it natively, float32 elsewhere.
     weights: for a .gguf target, "auto" (default) multiplies by the file's quantized blocks as stored
     (Q4_1, Q8_0: what llama.cpp reads, 0.6-1.1 bytes per weight) where the model runs in bfloat16 and
@@ -104,7 +122,8 @@ class LLM:
     machine, then cached; default on, or $SAGUARO_COMPILE); False keeps the eager forward.
     draft: a checkpoint path, "ngram" for the model-free prompt-lookup speculator, or None for the
     embedded distilled draft.
-    ssd: the SSD options (modes "ssd" and "auto"); keyword arguments such as `fanout_budget=8` or
+    ssd: the speculation options (modes "ssd", "auto", and `min_confidence` for "sd"); keyword
+    arguments such as `fanout_budget=8`, `min_confidence=0.8` or
     `worker_timeout=5` change single fields of it (see SSDOptions).
     draft_worker="HOST:PORT" (SSD): attach to a worker started with `saguaro draft-worker --listen`
     instead of spawning one; worker_token: its secret (default: $SAGUARO_WORKER_TOKEN).
@@ -123,14 +142,8 @@ class LLM:
         if threads:
             torch.set_num_threads(threads)
         if mode == "auto":
-            from saguaro.engine.ssd_setup import available_cores
-
             neural_draft = draft not in (None, "ngram") or (model is None and embedded_draft_path() is not None)
-            gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
-            mode = auto_mode(neural_draft, device, len(available_cores()), gpus,
-                             remote_worker=ssd.draft_worker is not None)
-            if mode == "ssd" and is_feature_checkpoint(draft or embedded_draft_path()):
-                mode = "sd"  # a feature draft runs in SD, on every core (SSD does not run it yet)
+            mode = auto_speculation(draft, device, ssd) if neural_draft else "ar"
             log.info("mode auto: running %s", f"{mode.upper()} or AR round by round (engine/auto.py)"
                      if mode in ("ssd", "sd") else mode)
             if mode in ("ssd", "sd"):  # speculation only in the rounds where it measured faster than AR
@@ -169,7 +182,10 @@ class LLM:
             cores = getattr(engine, "cores", None)
             if cores is not None:
                 compiled.ensure(1, cores.all_threads)  # AR rounds under auto
-            compiled.ensure(k + 1, cores.shared_threads if cores is not None else None)
+            threads = cores.shared_threads if cores is not None else None
+            shortest = k + 1 if getattr(getattr(engine, "speculator", None), "min_confidence", 0) == 0 else 2
+            for tokens in range(shortest, k + 2):  # a draft that stops early is verified over fewer
+                compiled.ensure(tokens, threads)
         return engine
 
     # ------------------------------------------------------------------ prompts

@@ -1,4 +1,5 @@
-"""What `mode="auto"` runs for one decode round: speculation (SSD) or plain decoding (AR).
+"""What `mode="auto"` runs for one decode round: speculation (SD on a CPU, SSD where the draft has
+hardware of its own: llm.auto_mode) or plain decoding (AR).
 
 Every mode verifies against the same target distribution, so this choice moves speed, never the
 output distribution. Two rules:
@@ -12,9 +13,9 @@ output distribution. Two rules:
   a better draft moves the balance back. Batches keep AR: under 8 concurrent server clients SSD gave
   under half of plain batched decoding (verifying K+1 tokens per row turns compute-bound).
 
-When AR runs, the target takes every core and the draft worker idles; SSD resumes when the rule says
-so (the drafter catches up on the tokens it missed with one just-in-time draft, a cost the next SSD
-round's time includes).
+When AR runs, the target takes every core and an SSD draft worker idles; speculation resumes when the
+rule says so (SSD's drafter catches up on the tokens it missed with one just-in-time draft, a cost the
+next SSD round's time includes; SD's draft feeds them in its next proposal).
 """
 
 from __future__ import annotations
@@ -55,24 +56,50 @@ def choose_round(batch: int, sampled_rows: int) -> RoundChoice:
     return RoundChoice("ssd", "one greedy row: SSD measured above AR")
 
 
+STALL_FACTOR = 2.0  # a round this many times slower than the window's median round is left out
+
+
 @dataclass
 class ModeClock:
-    """Seconds per emitted token of one mode in one band: the median of its last `window` rounds, so
-    one stalled round (a page fault, a thread preempted on a busy machine) does not decide for 60."""
+    """Seconds per emitted token of one mode in one band over its last `window` rounds: their time
+    over their tokens, leaving out rounds that stalled (a page fault, a thread preempted on a busy
+    machine: over STALL_FACTOR x the median round), so one such round does not decide for 60.
 
-    window: int = 8
-    samples: deque = field(default_factory=deque)
+    Time over tokens, not a median of per-round rates: a speculative round yields 1 to K+1 tokens,
+    and when most rounds yield one the median rate is the slow one, though the long rounds pay for
+    them (measured: auto chose AR at 0.97x where SD ran at 1.05x)."""
+
+    window: int = 128
+    samples: deque = field(default_factory=deque)  # (seconds, tokens) of each round
     rounds: int = 0
+    memory: tuple[float, int] | None = None  # an earlier process's (seconds, tokens), until own rounds replace it
+    _per_token: float | None = field(default=None, repr=False)  # computed once per change (asked per round)
 
     def add(self, seconds: float, tokens: int) -> None:
-        self.samples.append(seconds / max(tokens, 1))
+        self.samples.append((seconds, max(tokens, 1)))
         if len(self.samples) > self.window:
             self.samples.popleft()
+        if self.memory is not None and len(self.samples) >= self.memory[1]:
+            self.memory = None
         self.rounds += 1
+        self._per_token = None
+
+    def recall(self, seconds_per_token: float, weight: int = 1) -> None:
+        """Start from an earlier process's measurement, counted as `weight` rounds of one token until as
+        many own rounds replace it: one own round of a speculative mode (1 to K+1 tokens) is too noisy."""
+        self.samples.clear()
+        self.memory = (seconds_per_token * weight, weight)
+        self._per_token = None
 
     @property
     def per_token_s(self) -> float | None:
-        return statistics.median(self.samples) if self.samples else None
+        if self._per_token is None and (self.samples or self.memory):
+            kept = [self.memory] if self.memory else []
+            if self.samples:
+                limit = STALL_FACTOR * statistics.median(sec for sec, _ in self.samples)
+                kept += [(sec, n) for sec, n in self.samples if sec <= limit]
+            self._per_token = sum(sec for sec, _ in kept) / sum(n for _, n in kept)
+        return self._per_token
 
     @property
     def tokens_per_s(self) -> float:
@@ -92,11 +119,22 @@ class MeasuredRounds:
     OpenMP's team resized, the draft worker still finishing a tree on the core AR now wants, the
     drafter resynced), which would make whichever mode is explored look slower than it runs."""
 
-    warmup: int = 1  # timed rounds of each mode before choosing (after the round that settles it)
+    # A speculative round yields 1 to K+1 tokens, and how many depends on the text: its speed moves from
+    # prompt to prompt where AR's does not. A few rounds decided nothing (measured: auto chose AR after
+    # 8 SD rounds of one hard prompt, at 1.00-1.02x AR where SD ran at 1.14-1.20x). Timing the loser
+    # longer is cheap (every mode measured within 0.83-1.2x AR here); choosing wrong is not.
+    # So the loser keeps being timed on the same prompts as the winner, in blocks of 8 every ~64 rounds.
+    warmup: int = 16  # timed rounds of each mode before choosing (after the round that settles it)
     explore_every: int = 64
-    explore_rounds: int = 2  # the first settles, the second is timed
-    max_backoff: int = 16  # each re-measurement that leaves the faster mode unchanged doubles the wait, to this
+    explore_rounds: int = 9  # the first settles, the others are timed
+    max_backoff: int = 2  # each re-measurement that leaves the faster mode unchanged doubles the wait, to this
+    # the other mode must measure this much faster to take over: rounds on a busy 2-core VM move +-10%,
+    # and near a tie, flapping paid a settling round and a re-measurement each time for nothing
+    switch_margin: float = 0.08
     speculative: str = "ssd"  # the mode weighed against AR: "ssd", or "sd" for an SD engine
+    # per band, the mode that runs until the other measures `switch_margin` faster (what recorded runs
+    # found faster there); a band without one goes to whichever measures faster after the warm-up
+    prior: dict[str, str] = field(default_factory=dict)
     clocks: dict[tuple[str, str], ModeClock] = field(default_factory=dict)
     _since_explore: dict[str, int] = field(default_factory=dict)
     _last_mode: dict[str, str] = field(default_factory=dict)
@@ -105,14 +143,20 @@ class MeasuredRounds:
 
     def __call__(self, batch: int, sampled_rows: int) -> RoundChoice:
         if batch > 1:
-            return RoundChoice("ar", f"batch {batch} > 1: SSD measured below batched AR")
+            return RoundChoice("ar", f"batch {batch} > 1: speculation measured below batched AR")
         band = "sampled" if sampled_rows else "greedy"
         spec = self.speculative
         ssd, ar = self._clock(band, spec), self._clock(band, "ar")
         for mode, clock in ((spec, ssd), ("ar", ar)):
             if clock.rounds < self.warmup:
                 return RoundChoice(mode, f"{band}: measuring {mode} ({clock.rounds + 1}/{self.warmup})")
-        best, other = (spec, "ar") if ssd.per_token_s <= ar.per_token_s else ("ar", spec)
+        best = spec if ssd.per_token_s <= ar.per_token_s else "ar"
+        incumbent = self._best.get(band) or self.prior.get(band)
+        if incumbent is not None and best != incumbent:  # a near tie keeps the mode running (no flapping)
+            held, challenger = (ssd, ar) if incumbent == spec else (ar, ssd)
+            if challenger.per_token_s * (1 + self.switch_margin) > held.per_token_s:
+                best = incumbent
+        other = "ar" if best == spec else spec
         speeds = f"{spec} {ssd.tokens_per_s:.1f} vs ar {ar.tokens_per_s:.1f} tok/s"
         if self._best.get(band) != best:
             self._best[band], self._explorations[band] = best, 0
@@ -135,13 +179,13 @@ class MeasuredRounds:
         return {f"{band}/{mode}": c.per_token_s for (band, mode), c in self.clocks.items() if c.per_token_s}
 
     def recall(self, clocks: dict[str, float]) -> None:
-        """Start from clocks an earlier process measured: one sample each, counted as warmed up, so a
-        band whose two modes are both remembered chooses at once; its own rounds replace them."""
+        """Start from clocks an earlier process measured: each counted as `warmup` rounds, so a band
+        whose two modes are both remembered chooses at once; `warmup` own rounds replace it."""
         for name, seconds in clocks.items():
             band, _, mode = name.partition("/")
             if band in ("greedy", "sampled") and mode in (self.speculative, "ar") and seconds and seconds > 0:
                 clock = self._clock(band, mode)
-                clock.samples.append(float(seconds))
+                clock.recall(float(seconds), weight=self.warmup)
                 clock.rounds = max(clock.rounds, self.warmup)
 
     def observe(self, choice: RoundChoice, batch: int, sampled_rows: int, seconds: float, tokens: int) -> None:

@@ -49,14 +49,15 @@ def greedy_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor | 
 
 
 def verify_round(logits: torch.Tensor, seqs: list[Sequence], drafts: torch.Tensor,
-                 draft_q: Callable[[torch.Tensor], torch.Tensor | None] = lambda p: None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 draft_q: Callable[[torch.Tensor], torch.Tensor | None] = lambda p: None,
+                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One speculative round's verification: logits [B, K+1, V] of the target over drafts [B, K] ->
     (accepted [B], emitted token [B], log p or None). draft_q(p) gives the q the drafts were sampled
-    from (None: deterministic drafts). All-greedy rounds skip the vocabulary-wide probabilities."""
+    from (None: deterministic drafts); lengths [B]: how many of its K each row proposed (None: all).
+    All-greedy rounds skip the vocabulary-wide probabilities."""
     if (targets := greedy_tokens(logits, seqs)) is not None:
-        accepted, emitted = verify_greedy(drafts.to(targets.device), targets)
+        accepted, emitted = verify_greedy(drafts.to(targets.device), targets, lengths)
         return accepted, emitted, None
     p, logp = round_distribution(logits, seqs, drafts)  # position j sees drafts 1..j-1 too
-    accepted, emitted = verify(drafts.to(p.device), draft_q(p), p, [s.generator for s in seqs])
+    accepted, emitted = verify(drafts.to(p.device), draft_q(p), p, [s.generator for s in seqs], lengths)
     return accepted, emitted, logp

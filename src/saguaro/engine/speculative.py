@@ -18,7 +18,7 @@ from saguaro.models.transformer import CausalLM
 from saguaro.models.feature_draft import FeatureDraft
 from saguaro.speculators import FeatureSpeculator, NeuralSpeculator, NgramSpeculator, Speculator
 from saguaro.speculators.draft import check_vocabulary, is_feature_checkpoint, load_draft
-from saguaro.ssd.options import SSDOptions
+from saguaro.ssd.options import AUTO_MIN_CONFIDENCE, SSDOptions
 
 __all__ = ["SDEngine", "check_vocabulary", "load_draft", "make_speculative_engine"]  # the draft loaders: old path
 
@@ -71,30 +71,33 @@ class SDEngine(RemembersClocks, Engine):
     def close(self) -> None:
         self.remember_clocks()
 
-    def _speculative_round(self) -> None:
-        seqs, k = self.running, self.k
+    def _speculative_round(self) -> bool:
+        """One round; False when the speculator read a prompt in it (its time is not a round's)."""
+        seqs = self.running
         t0 = time.perf_counter()
-        proposal = self.speculator.propose(seqs, k)
+        proposal = self.speculator.propose(seqs, self.k)
         t1 = time.perf_counter()
         last = torch.tensor([[s.last_token] for s in seqs])
-        ids = torch.cat([last, proposal.tokens], 1).to(self.target.device)
+        ids = torch.cat([last, proposal.tokens], 1).to(self.target.device)  # up to K+1 tokens a row
         states = None
         if self.wants_target_states:
-            logits, states = self.target(ids, self.cache, return_hidden=True)  # [B, K+1, V], [B, K+1, H]
+            logits, states = self.target(ids, self.cache, return_hidden=True)  # [B, n+1, V], [B, n+1, H]
         else:
-            logits = self.target(ids, self.cache)  # [B, K+1, V]
+            logits = self.target(ids, self.cache)  # [B, n+1, V]
         accepted, emitted, logp = verify_round(logits, seqs, proposal.tokens,
-                                               lambda p: None if proposal.q is None else proposal.q.to(p.dtype))
+                                               lambda p: None if proposal.q is None else proposal.q.to(p.dtype),
+                                               proposal.lengths)
         t2 = time.perf_counter()
         self.cache.lengths += accepted + 1  # the fed last token plus the accepted proposals
         accepted_list, emitted_list = accepted.tolist(), emitted.tolist()
         drafted = proposal.tokens.tolist()
+        proposed = ([len(drafted[0])] * len(seqs) if proposal.lengths is None else proposal.lengths.tolist())
         out = [row[:a] + [t] for row, a, t in zip(drafted, accepted_list, emitted_list)]
-        for s, a, row, lps in zip(seqs, accepted_list, out, emitted_logprobs(logp, seqs, out)):
+        for s, a, n, row, lps in zip(seqs, accepted_list, proposed, out, emitted_logprobs(logp, seqs, out)):
             s.append(row, self.stop_ids, lps)
             st = s.stats
             st.rounds += 1
-            st.drafted += k
+            st.drafted += n
             st.accepted += a
             st.draft_s += t1 - t0
             st.verify_s += t2 - t1
@@ -102,6 +105,14 @@ class SDEngine(RemembersClocks, Engine):
         self.totals["rounds"] += 1
         self.totals["draft_s"] += t1 - t0
         self.totals["verify_s"] += t2 - t1
+        return not self.speculator.read_prompt
+
+
+# What mode auto's SD runs per band until the other mode measures clearly faster. Recorded on the
+# embedded pair, 2-core EPYC, 8 held-out chat prompts x 128 tokens a dataset (docs/auto.md): SD that
+# stops where its draft is unsure ran at 1.13-1.21x AR greedy and 0.94-0.99x at T = 0.7 and 1, and a
+# policy deciding from its first rounds alone lost up to 6% to both on prompt-to-prompt swings.
+SD_PRIOR = {"greedy": "sd", "sampled": "ar"}
 
 
 def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_size, default_draft=None,
@@ -117,16 +128,23 @@ def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_s
     if mode == "sd":
         draft_model = load_draft(path, target, tokenizer)  # on saguaro's CPU kernels where they apply
         if target.compiled is not None and type(draft_model) is CausalLM:
-            # its one-token step compiled as well (once per machine, cached): 0.74 ms a step instead of
-            # 1.87 eager on the embedded pair, bitwise the same logits
-            draft_model.compiled = compile_step(draft_model, cache_root() / "compiled", [(1, None)])
-        make = FeatureSpeculator if isinstance(draft_model, FeatureDraft) else NeuralSpeculator
-        speculator = make(draft_model, target.config.vocab_size)
+            # its drafting steps compiled as well (once per machine, cached): 0.74 ms a step instead of
+            # 1.87 eager on the embedded pair, bitwise the same logits; and the two-token step that starts
+            # a round after a fully accepted one (the last proposal and the bonus token to read)
+            draft_model.compiled = compile_step(draft_model, cache_root() / "compiled", [(1, None), (2, None)])
         auto = ssd is not None and ssd.auto
+        if isinstance(draft_model, FeatureDraft):
+            speculator = FeatureSpeculator(draft_model, target.config.vocab_size)
+        else:
+            confidence = ssd.min_confidence if ssd is not None else None
+            if confidence is None:
+                confidence = AUTO_MIN_CONFIDENCE if auto else 0.0
+            speculator = NeuralSpeculator(draft_model, target.config.vocab_size, min_confidence=confidence)
         engine = SDEngine(target, speculator, k, stop, max_batch_size,
-                          round_rule=MeasuredRounds(speculative="sd") if auto else None)
+                          round_rule=MeasuredRounds(speculative="sd", prior=SD_PRIOR) if auto else None)
         if auto:
-            remember_auto_clocks(engine, target, target_path, path, k)
+            remember_auto_clocks(engine, target, target_path, path, k,
+                                 min_confidence=getattr(speculator, "min_confidence", None))
         return engine
     if mode == "ssd":
         if is_feature_checkpoint(path):

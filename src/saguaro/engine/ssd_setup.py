@@ -88,15 +88,16 @@ def make_ssd_engine(target, tokenizer, draft_path, target_path, k: int, stop: se
     return engine
 
 
-def remember_auto_clocks(engine, target, target_path, draft_path, k: int) -> None:
+def remember_auto_clocks(engine, target, target_path, draft_path, k: int, **setup) -> None:
     """Start mode auto's round rule from the clocks an earlier process measured on this setup, and
-    have the engine (a RemembersClocks) remember its own (engine/auto_memory.py)."""
+    have the engine (a RemembersClocks) remember its own (engine/auto_memory.py); `setup`: more of
+    what the clocks depend on (how a draft decides its length)."""
     key = auto_memory.setup_key(
         mode=engine.round_rule.speculative, cores=len(available_cores()), threads=torch.get_num_threads(),
         split=getattr(engine, "cores", None) is not None, target=auto_memory.file_identity(target_path),
         draft=auto_memory.file_identity(resolve_checkpoint(draft_path)), k=k, dtype=str(target.dtype),
         compiled=target.compiled is not None, degraded=getattr(engine, "degraded", None) is not None,
-        blocks=sorted({m.block_format for m in target.modules() if getattr(m, "block_format", None)}))
+        blocks=sorted({m.block_format for m in target.modules() if getattr(m, "block_format", None)}), **setup)
     directory = cache_root() / "auto"
     clocks = auto_memory.load(directory, key)
     if clocks:

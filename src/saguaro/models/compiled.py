@@ -140,17 +140,22 @@ class CompiledStep:
         return self._runners[ids.shape[1], torch.get_num_threads()](*(a.contiguous() for a in args))
 
 
-KEEP_LIBRARIES = 8  # a float32 one holds the weights twice (about 1 GB for the embedded target)
+KEEP_LIBRARIES = 16  # SD verifies over 2..K+1 tokens, one library each, per thread count
+KEEP_BYTES = 4 << 30  # a library that copies its weights is large (1 GB for the float32 embedded target)
 
 
-def prune(cache_dir: Path, keep: int = KEEP_LIBRARIES) -> list[Path]:
-    """Delete all but the `keep` most recently used libraries: a new weight file, dtype, thread count or
-    saguaro version makes new ones, and the old ones would pile up."""
+def prune(cache_dir: Path, keep: int = KEEP_LIBRARIES, keep_bytes: int = KEEP_BYTES) -> list[Path]:
+    """Delete all but the `keep` most recently used libraries, and any beyond `keep_bytes` in all: a
+    new weight file, dtype, thread count or saguaro version makes new ones, and the old would pile up."""
     libraries = sorted(cache_dir.glob("*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in libraries[keep:]:
-        old.unlink(missing_ok=True)
-        log.info("removed a compiled library not used recently: %s", old.name)
-    return libraries[keep:]
+    total, removed = 0, []
+    for i, library in enumerate(libraries):
+        total += library.stat().st_size
+        if i >= keep or (i > 0 and total > keep_bytes):
+            library.unlink(missing_ok=True)
+            removed.append(library)
+            log.info("removed a compiled library not used recently: %s", library.name)
+    return removed
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -28,6 +28,7 @@ class Row(Protocol):
 class Proposal:
     tokens: torch.Tensor  # [B, K]
     q: torch.Tensor | None  # [B, K, V] over the target's vocabulary; None = deterministic (one-hot)
+    lengths: torch.Tensor | None = None  # [B]: row i proposes tokens[i, :lengths[i]]; None = all K
 
 
 def head_to_vocab(q: torch.Tensor, head_ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
@@ -56,6 +57,9 @@ class Speculator:
     # Whether the engine passes the target's final-norm hidden states to `prefill` and `commit` (a
     # feature-conditioned draft reads them; they cost the engine nothing it does not compute anyway).
     needs_target_states = False
+    # Whether the last `propose` also read more than a round's tokens: a row's prompt (a speculator that
+    # prefills lazily), or what plain rounds decoded meanwhile. Mode auto does not time such a round.
+    read_prompt = False
 
     def prefill(self, seqs: list[Row], ids: torch.Tensor, lengths: torch.Tensor,
                 states: torch.Tensor | None = None) -> None:
@@ -63,6 +67,7 @@ class Speculator:
         [B, T, H]: the target's at every prompt position (when `needs_target_states`)."""
 
     def propose(self, seqs: list[Row], k: int) -> Proposal:
+        """Up to k tokens per row (fewer where the speculator stops early: `Proposal.lengths`)."""
         raise NotImplementedError
 
     def commit(self, accepted: list[int], states: torch.Tensor | None = None) -> None:

@@ -13,44 +13,76 @@ from saguaro.speculators.base import Proposal, Row, Speculator, head_to_vocab, r
 Draw = Callable[[torch.Tensor, int], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
-def draft_k(draft: CausalLM, cache, pending: list[list[int]], k: int, draw: Draw
-            ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Feed each row the tokens its cache lacks (`pending`), then draft k tokens, one forward per
+Continues = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def draft_k(draft: CausalLM, cache, pending: list[list[int]], k: int, draw: Draw, continues: Continues | None = None
+            ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]:
+    """Feed each row the tokens its cache lacks (`pending`), then draft up to k tokens, one forward per
     step; draw(logits, step) picks the step's tokens (target ids) and the q they came from (None:
-    deterministic). The cache then holds the pending tokens and proposals 1..k-1.
-    Returns the tokens [B, k] and the k q's."""
+    deterministic). continues(logits, q) -> [B] bool: whether a row drafts past the token just drawn
+    (None: always); drafting ends once no row continues.
+    Returns the tokens [B, n] (n <= k steps run), the n q's, and each row's proposed count [B] (None
+    without `continues`: all n). The cache then holds the pending tokens and proposals 1..n-1."""
     ids, counts = right_pad(pending)
     counts = counts.to(cache.lengths.device)
     logits = draft(ids.to(draft.device), cache, logits_at=(counts - 1)[:, None])[:, 0]
     cache.lengths += counts
     tokens, qs = [], []
+    live = lengths = None  # rows still drafting; each row's count so far
     for step in range(k):
         token, q = draw(logits, step)
         tokens.append(token)
         qs.append(q)
+        if continues is not None:
+            if live is None:
+                live = torch.ones(len(pending), dtype=torch.bool, device=token.device)
+                lengths = torch.zeros(len(pending), dtype=torch.long, device=token.device)
+            lengths += live.long()
+            live &= continues(logits, q).to(live.device)
+            if not bool(live.any()):
+                break
         if step < k - 1:
             logits = draft(token[:, None], cache)[:, -1]
             cache.lengths += 1
-    return torch.stack(tokens, 1), qs
+    return torch.stack(tokens, 1), qs, lengths
 
 
 class NeuralSpeculator(Speculator):
-    """A small draft model with its own KV cache, drafting K tokens autoregressively.
+    """A small draft model with its own KV cache, drafting up to K tokens autoregressively.
 
-    The draft cache's `lengths` count the sequence tokens it holds; after a round it also holds
-    proposals 1..K-1, of which `commit` keeps the accepted ones.
+    min_confidence: a row stops drafting after a token where the draft's top probability was below
+    this (its q when sampling, the softmax of its logits when greedy), so a weak draft proposes long
+    runs only where it is sure; 0 always drafts K. The rule reads only what the draft knew before
+    drawing the token, which keeps verification exact (engine/verify.py).
+
+    The draft cache's `lengths` count the sequence tokens it holds; after a round of n drafting steps
+    it also holds proposals 1..n-1, of which `commit` keeps the accepted ones.
     """
 
-    def __init__(self, draft: CausalLM, target_vocab: int):
+    def __init__(self, draft: CausalLM, target_vocab: int, min_confidence: float = 0.0):
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
         self.draft = draft
         self.target_vocab = target_vocab
+        self.min_confidence = min_confidence
         self.cache = None
         self._k = 0
 
     def prefill(self, seqs, ids, lengths, states=None) -> None:
+        """New rows join with an empty draft cache: the draft reads a row's prompt in the first round that
+        speculates for it (`propose` feeds each row what its cache lacks), so rows that only ever decode
+        plainly (batches under mode auto) cost the draft nothing."""
+        self._join(self.draft.new_cache(len(lengths), int(lengths.max()) + 64))
+
+    def read_prompts(self, ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        """`prefill` with the draft reading the prompts now (SSD's drafter: its trees branch off their KV)."""
         cache = self.draft.new_cache(len(lengths), int(lengths.max()) + 64)
         self.draft(ids.to(self.draft.device), cache, logits_at=(lengths - 1)[:, None])
         cache.lengths[:] = lengths
+        self._join(cache)
+
+    def _join(self, cache) -> None:
         if self.cache is None:
             self.cache = cache
         else:
@@ -75,8 +107,9 @@ class NeuralSpeculator(Speculator):
 
     def propose(self, seqs: list[Row], k: int) -> Proposal:
         # Feed what the draft has not seen: the target's last token, plus the last accepted draft
-        # token when every proposal was accepted (1 or 2 tokens).
+        # token when every proposal was accepted (1 or 2 tokens; a row's whole prompt in its first round).
         pending = [s.all_ids[n:] for s, n in zip(seqs, self.cache.lengths.tolist())]
+        self.read_prompt = max(map(len, pending)) > 2
         generators = [s.generator for s in seqs]
         greedy = all(s.params.greedy for s in seqs)
 
@@ -86,9 +119,15 @@ class NeuralSpeculator(Speculator):
             q = draft_probs(logits, [s.params for s in seqs])  # over the head; expanded below
             return self.head_to_target(sample(q, generators)), q
 
-        tokens, qs = draft_k(self.draft, self.cache, pending, k, draw)
-        self._k = k
-        return Proposal(tokens, None if greedy else self.to_target_vocab(torch.stack(qs, 1)))
+        tokens, qs, lengths = draft_k(self.draft, self.cache, pending, k, draw,
+                                      self.confident if self.min_confidence > 0 else None)
+        self._k = tokens.shape[1]
+        return Proposal(tokens, None if greedy else self.to_target_vocab(torch.stack(qs, 1)), lengths)
+
+    def confident(self, logits: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+        """[B] bool: the draft's top probability at the position just drawn is >= min_confidence."""
+        probs = logits.float().softmax(-1) if q is None else q
+        return probs.amax(-1) >= self.min_confidence
 
     def commit(self, accepted: list[int], states=None) -> None:
         extra = torch.tensor([min(a, self._k - 1) for a in accepted], device=self.cache.lengths.device)

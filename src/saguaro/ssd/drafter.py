@@ -96,7 +96,7 @@ class SSDDrafter:
     def prefill(self, seq_ids: list[int], prompts: list[list[int]], params: list[SamplingParams],
                 seeds: list[int | None]) -> None:
         ids, lengths = right_pad(prompts)
-        self.neural.prefill(None, ids.to(self.draft.device), lengths.to(self.draft.device))
+        self.neural.read_prompts(ids.to(self.draft.device), lengths.to(self.draft.device))
         for sid, p, sp, seed in zip(seq_ids, prompts, params, seeds):
             g = None if seed is None else torch.Generator().manual_seed(draft_seed(seed))
             self.rows.append(DraftRow(sid, sp, list(p), g))
@@ -168,7 +168,7 @@ class SSDDrafter:
         sub = [self.rows[i] for i in rows]
         view = self.neural.cache.take_rows(rows)
         pending = [r.tokens[n:] for r, n in zip(sub, view.lengths.tolist())]
-        toks, qs = draft_k(self.draft, view, pending, self.k,
+        toks, qs, _ = draft_k(self.draft, view, pending, self.k,
                            lambda logits, step: self._draw(logits, sub, self.fanout[step]))
         # keep the context's KV; the tree re-feeds the last context token and the proposals
         view.lengths[:] = torch.tensor([len(r.tokens) - 1 for r in sub], device=self.draft.device)

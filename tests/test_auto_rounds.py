@@ -274,28 +274,6 @@ def test_a_near_tie_keeps_the_running_mode():
     assert rule(1, 0).mode == "sd"
 
 
-def test_rounds_where_the_draft_reads_a_prompt_are_not_timed():
-    """SD's draft reads a row's prompt lazily, in the row's first speculative round (and catches up after
-    plain rounds): those rounds cost what no other SD round does, so auto does not time them."""
-    from saguaro.engine.speculative import SDEngine
-    from saguaro.speculators import NeuralSpeculator
-
-    target = tiny_model(2, VOCAB)
-    rule = MeasuredRounds(speculative="sd", warmup=2, explore_every=3, explore_rounds=2)
-    engine = SDEngine(target, NeuralSpeculator(perturbed(target, 2, 0.05), VOCAB, min_confidence=0.3), 4, STOP,
-                      round_rule=rule)
-    observed, untimed = [], []
-    observe, speculative_round = rule.observe, engine._speculative_round
-    rule.observe = lambda choice, *rest: (observed.append(choice.mode), observe(choice, *rest))
-    engine._speculative_round = lambda: (timed := speculative_round(), untimed.append(not timed))[0]
-    params = SamplingParams(temperature=0, max_tokens=40)
-    want, _ = run(AREngine(target, STOP), prompts(5, 1), params)
-    got, _ = run(engine, prompts(5, 1), params)
-    assert got == want
-    assert untimed[0] and not all(untimed)  # the prompt was read in the first SD round
-    assert observed.count("sd") == untimed.count(False)
-
-
 def test_a_band_with_a_prior_runs_it_until_the_other_mode_measures_clearly_faster():
     from saguaro.engine.auto import ModeClock
 

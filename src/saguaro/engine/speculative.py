@@ -71,8 +71,7 @@ class SDEngine(RemembersClocks, Engine):
     def close(self) -> None:
         self.remember_clocks()
 
-    def _speculative_round(self) -> bool:
-        """One round; False when the speculator read a prompt in it (its time is not a round's)."""
+    def _speculative_round(self) -> None:
         seqs = self.running
         t0 = time.perf_counter()
         proposal = self.speculator.propose(seqs, self.k)
@@ -105,7 +104,6 @@ class SDEngine(RemembersClocks, Engine):
         self.totals["rounds"] += 1
         self.totals["draft_s"] += t1 - t0
         self.totals["verify_s"] += t2 - t1
-        return not self.speculator.read_prompt
 
 
 # What mode auto's SD runs per band until the other mode measures clearly faster. Recorded on the

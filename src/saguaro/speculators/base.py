@@ -57,9 +57,6 @@ class Speculator:
     # Whether the engine passes the target's final-norm hidden states to `prefill` and `commit` (a
     # feature-conditioned draft reads them; they cost the engine nothing it does not compute anyway).
     needs_target_states = False
-    # Whether the last `propose` also read more than a round's tokens: a row's prompt (a speculator that
-    # prefills lazily), or what plain rounds decoded meanwhile. Mode auto does not time such a round.
-    read_prompt = False
 
     def prefill(self, seqs: list[Row], ids: torch.Tensor, lengths: torch.Tensor,
                 states: torch.Tensor | None = None) -> None:

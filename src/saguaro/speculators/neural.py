@@ -109,7 +109,6 @@ class NeuralSpeculator(Speculator):
         # Feed what the draft has not seen: the target's last token, plus the last accepted draft
         # token when every proposal was accepted (1 or 2 tokens; a row's whole prompt in its first round).
         pending = [s.all_ids[n:] for s, n in zip(seqs, self.cache.lengths.tolist())]
-        self.read_prompt = max(map(len, pending)) > 2
         generators = [s.generator for s in seqs]
         greedy = all(s.params.greedy for s in seqs)
 

@@ -119,7 +119,7 @@ def main() -> None:
         if draft_steps is not None:
             draft_steps.ensure(1)
     sd_stop = llm.make_engine("sd", args.draft, args.k, min_confidence=args.min_confidence)
-    if auto_mode(True, "cpu", len(cores), 0) == "sd" or feature:  # what LLM(mode="auto") runs here
+    if auto_mode(True, "cpu", gpus=0) == "sd" or feature:  # what LLM(mode="auto") runs here
         auto = llm.make_engine("sd", args.draft, args.k, auto=True)
     else:
         auto = llm.make_engine("ssd", args.draft, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:],

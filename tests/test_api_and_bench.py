@@ -47,9 +47,8 @@ def test_bench_smoke(tmp_path, capsys, embedded):
 def test_auto_mode_weighs_sd_on_a_cpu_and_ssd_where_the_draft_has_hardware_of_its_own():
     from saguaro.llm import auto_mode
 
-    assert auto_mode(True, "cpu", cores=2, gpus=0) == "sd"
-    assert auto_mode(True, "cpu", cores=1, gpus=0) == "sd"
-    assert auto_mode(True, "cpu", cores=2, gpus=0, remote_worker=True) == "ssd"
-    assert auto_mode(False, "cpu", cores=16, gpus=0) == "ar"
-    assert auto_mode(True, "cuda", cores=16, gpus=1) == "ar"
-    assert auto_mode(True, "cuda:0", cores=16, gpus=2) == "ssd"
+    assert auto_mode(True, "cpu", gpus=0) == "sd"
+    assert auto_mode(True, "cpu", gpus=0, remote_worker=True) == "ssd"
+    assert auto_mode(False, "cpu", gpus=0) == "ar"
+    assert auto_mode(True, "cuda", gpus=1) == "ar"
+    assert auto_mode(True, "cuda:0", gpus=2) == "ssd"

@@ -79,7 +79,7 @@ class RequestOutput:
         return self.outputs[0].token_ids
 
 
-def auto_mode(has_draft: bool, device: str, cores: int, gpus: int, remote_worker: bool = False) -> str:
+def auto_mode(has_draft: bool, device: str, gpus: int, remote_worker: bool = False) -> str:
     """What mode="auto" weighs against AR round by round (engine/auto.py): with a neural draft, SSD when
     its draft has hardware of its own (a second GPU, or a draft worker started by hand to attach to),
     and on a CPU SD on every core, each row drafting only while the draft is sure. On the 2-core CPUs
@@ -97,10 +97,8 @@ def auto_mode(has_draft: bool, device: str, cores: int, gpus: int, remote_worker
 
 def auto_speculation(draft, device: str, ssd: SSDOptions) -> str:
     """The speculative mode `auto` weighs against AR for a neural `draft` (None: the embedded one)."""
-    from saguaro.engine.ssd_setup import available_cores
-
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
-    mode = auto_mode(True, device, len(available_cores()), gpus, remote_worker=ssd.draft_worker is not None)
+    mode = auto_mode(True, device, gpus, remote_worker=ssd.draft_worker is not None)
     if mode == "ssd" and is_feature_checkpoint(draft or embedded_draft_path()):
         mode = "sd"  # a feature draft runs in SD, on every core (SSD does not run it yet)
     return mode

@@ -30,16 +30,16 @@ def draft_k(draft: CausalLM, cache, pending: list[list[int]], k: int, draw: Draw
     cache.lengths += counts
     tokens, qs = [], []
     live = lengths = None  # rows still drafting; each row's count so far
+    if continues is not None:
+        live = torch.ones(len(pending), dtype=torch.bool)
+        lengths = torch.zeros(len(pending), dtype=torch.long)
     for step in range(k):
         token, q = draw(logits, step)
         tokens.append(token)
         qs.append(q)
         if continues is not None:
-            if live is None:
-                live = torch.ones(len(pending), dtype=torch.bool, device=token.device)
-                lengths = torch.zeros(len(pending), dtype=torch.long, device=token.device)
-            lengths += live.long()
-            live &= continues(logits, q).to(live.device)
+            lengths += live
+            live &= continues(logits, q).cpu()
             if not bool(live.any()):
                 break
         if step < k - 1:
@@ -125,8 +125,10 @@ class NeuralSpeculator(Speculator):
 
     def confident(self, logits: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
         """[B] bool: the draft's top probability at the position just drawn is >= min_confidence."""
-        probs = logits.float().softmax(-1) if q is None else q
-        return probs.amax(-1) >= self.min_confidence
+        if q is None:  # greedy: exp(max - logsumexp), without forming the softmax over the vocabulary
+            logits = logits.float()
+            return (logits.amax(-1) - logits.logsumexp(-1)).exp() >= self.min_confidence
+        return q.amax(-1) >= self.min_confidence
 
     def commit(self, accepted: list[int], states=None) -> None:
         extra = torch.tensor([min(a, self._k - 1) for a in accepted], device=self.cache.lengths.device)

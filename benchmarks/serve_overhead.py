@@ -130,6 +130,8 @@ def one_request(client: OpenAI, model: str, req: dict, stream: bool) -> tuple[fl
 
 def run_server(args) -> dict:
     flags = ["--mode", args.mode, "--threads", str(args.threads)]
+    if args.stream_interval_ms is not None:
+        flags += ["--stream-interval-ms", str(args.stream_interval_ms)]
     proc = start_server(flags, args.port, timeout_s=900)  # the first start may build the compiled step
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0, timeout=600)
@@ -190,6 +192,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8766)
     ap.add_argument("--max-other-cores", type=float, default=0.2,
                     help="repeat a timed run (at most 3 tries) while other jobs used more cores than this")
+    ap.add_argument("--stream-interval-ms", type=float, help="the server's (default: its own default)")
     ap.add_argument("--json")
     ap.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,7 +223,8 @@ def main() -> None:
           f"steps {s['serve_stream_engine_step_ms_per_token']:.1f} + outside them "
           f"{s['serve_stream_outside_steps_ms_per_token']:.1f}; other jobs used up to {s['max_other_cores']:.2f} cores")
     if args.json:
-        result = {"meta": {**cpu_meta(), **code_version(), "threads": args.threads, "mode": args.mode, "max_tokens": args.max_tokens,
+        result = {"meta": {**cpu_meta(), **code_version(), "threads": args.threads, "mode": args.mode,
+                           "stream_interval_ms": args.stream_interval_ms, "max_tokens": args.max_tokens,
                            "prompt": request(args)["messages"][0]["content"]},
                   "summary": s, "llm": direct_runs, "serve": server_runs}
         Path(args.json).write_text(json.dumps(result, indent=1))

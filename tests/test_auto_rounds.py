@@ -288,3 +288,20 @@ def test_a_band_with_a_prior_runs_it_until_the_other_mode_measures_clearly_faste
     assert rule(1, 0).mode == "sd" and rule(1, 1).mode == "ar"
     rule.clocks[("greedy", "ar")] = clock(0.80)
     assert rule(1, 0).mode == "ar"
+
+
+def test_a_band_with_a_prior_runs_it_first_and_times_the_other_mode_later():
+    rule = MeasuredRounds(speculative="sd", warmup=2, explore_every=6, explore_rounds=3,
+                          prior={"greedy": "sd", "sampled": "ar"})
+    modes = []
+    for _ in range(16):
+        choice = rule(1, 1)  # a sampled row: AR by prior
+        modes.append(choice.mode)
+        rule.observe(choice, 1, 1, 0.020 if choice.mode == "sd" else 0.010, 1)  # SD at 0.5x
+    # AR's warm-up (a settling round and 2 timed), 6 more rounds, then SD's warm-up, then AR again
+    assert modes[:9] == ["ar"] * 9
+    assert modes[9:12] == ["sd"] * 3
+    assert modes[12:] == ["ar"] * 4
+    assert rule.clocks[("sampled", "sd")].rounds == 2
+    # the greedy band's prior is SD: it runs first there
+    assert rule(1, 0).mode == "sd"

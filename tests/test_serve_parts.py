@@ -156,3 +156,46 @@ def test_serve_runs_the_engine_on_the_calling_thread_and_http_beside_it(embedded
     helper.join()
     assert replies and replies[0].status_code == 200 and replies[0].json()["usage"]["completion_tokens"] == 4
     assert stepped_on == {threading.get_ident()}
+
+
+def deltas_of(embedded, interval_s: float, stream: bool, max_tokens: int = 12) -> tuple[list, list[int]]:
+    """The deltas an AsyncEngine (run by its owner) sends one greedy request, and the tokens generated."""
+    _, model, tokenizer = embedded
+    engine = AsyncEngine(AREngine(model, tokenizer.stop_token_ids), tokenizer, own_thread=False,
+                         stream_interval_s=interval_s)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    got: list = []
+
+    async def client():
+        req = engine.submit(tokenizer.encode("The sky is"), params, stream=stream)
+        while not got or not got[-1].finish_reason:
+            got.append(await req.deltas.get())
+        engine.close(timeout=0)
+        return req
+
+    box = {}
+    side = threading.Thread(target=lambda: box.setdefault("req", asyncio.run(client())))
+    side.start()
+    engine.run()
+    side.join()
+    return got, box["req"].seq.output_ids
+
+
+def test_streamed_text_goes_out_at_most_every_interval_first_text_at_once(embedded):
+    tokenizer = embedded[2]
+    every_round, ids = deltas_of(embedded, 0.0, stream=True)
+    assert len(every_round) >= 6  # one per round whose text is whole (12 tokens)
+    coalesced, same_ids = deltas_of(embedded, 3600.0, stream=True)
+    assert same_ids == ids
+    assert len(coalesced) == 2  # the first text at once, then the rest at the end
+    assert coalesced[0].text and coalesced[0].completion_tokens <= 2 and coalesced[1].finish_reason == "length"
+    for got in (every_round, coalesced):
+        assert "".join(d.text for d in got) == tokenizer.decode(ids)
+        assert got[-1].completion_tokens == 12
+
+
+def test_a_request_not_streamed_hears_only_its_end(embedded):
+    tokenizer = embedded[2]
+    got, ids = deltas_of(embedded, 0.0, stream=False)
+    assert len(got) == 1 and got[0].finish_reason == "length"
+    assert got[0].text == tokenizer.decode(ids) and got[0].completion_tokens == 12

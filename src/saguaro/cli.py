@@ -10,6 +10,7 @@ from pathlib import Path
 
 from saguaro.ssd.options import (AUTO_MIN_CONFIDENCE, FALLBACK_CHOICES, FANOUT_SHAPES, PRIOR_ACCEPTANCE, PRIOR_R,
                                  PROMPT_LOOKUP_MIN_MATCH, SSDOptions)
+from saguaro.serve.async_engine import STREAM_INTERVAL_S
 
 log = logging.getLogger("saguaro")
 
@@ -25,6 +26,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -261,7 +272,7 @@ def cmd_serve(args) -> None:
 
     with make_llm(args) as llm:
         serve(llm, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
-              access_log=args.verbose)
+              access_log=args.verbose, stream_interval_s=args.stream_interval_ms / 1000)
 
 
 def cmd_chat(args) -> None:
@@ -370,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
     sv.add_argument("--max-concurrency", type=_positive_int, default=256,
                     help="requests in flight (running or queued) before new ones get 503 (default: 256)")
+    sv.add_argument("--stream-interval-ms", type=_non_negative_float, default=STREAM_INTERVAL_S * 1000,
+                    help="least time between two chunks of a streamed choice; the first goes out at once "
+                         f"(default: {STREAM_INTERVAL_S * 1000:g}; 0 sends every decoding round)")
     sv.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("chat", help="streaming chat in the terminal (reads stdin; /exit or EOF quits)")

@@ -108,7 +108,8 @@ class ModeClock:
 
 @dataclass
 class MeasuredRounds:
-    """At one row: the faster mode per band as measured; `warmup` rounds of each first (SSD first),
+    """At one row: the faster mode per band as measured; `warmup` rounds of each first (SSD first; in a
+    band with a prior, the prior's mode, and the other's after `explore_every` rounds),
     then `explore_rounds` of the slower every `explore_every` rounds, stretched by the square of how
     much slower it measured (re-measuring a mode at 0.6x costs more than one at 0.95x, and is less
     likely to have turned) and doubled after each re-measurement that changed nothing, up to
@@ -147,9 +148,20 @@ class MeasuredRounds:
         band = "sampled" if sampled_rows else "greedy"
         spec = self.speculative
         ssd, ar = self._clock(band, spec), self._clock(band, "ar")
-        for mode, clock in ((spec, ssd), ("ar", ar)):
-            if clock.rounds < self.warmup:
-                return RoundChoice(mode, f"{band}: measuring {mode} ({clock.rounds + 1}/{self.warmup})")
+        prior = self.prior.get(band)
+        for mode in (prior, "ar" if prior == spec else spec) if prior else (spec, "ar"):
+            clock = self._clock(band, mode)
+            if clock.rounds >= self.warmup:
+                continue
+            since = self._since_explore.get(band, 0)
+            if mode != prior and prior is not None and since < self.explore_every and self._last_mode.get(band) != mode:
+                # the prior's mode runs first; the other is first timed where it would be re-measured
+                # (a fresh server's first requests run what recorded runs found faster)
+                self._since_explore[band] = since + 1
+                return RoundChoice(prior, f"{band}: {prior} by prior ({mode} timed after "
+                                          f"{self.explore_every - since} rounds)")
+            self._since_explore[band] = 0  # the exploration that follows starts counting after this
+            return RoundChoice(mode, f"{band}: measuring {mode} ({clock.rounds + 1}/{self.warmup})")
         best = spec if ssd.per_token_s <= ar.per_token_s else "ar"
         incumbent = self._best.get(band) or self.prior.get(band)
         if incumbent is not None and best != incumbent:  # a near tie keeps the mode running (no flapping)

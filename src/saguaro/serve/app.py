@@ -110,7 +110,7 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, context: int, api
         default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, room)) if chat else DEFAULT_MAX_TOKENS
         params = body.sampling_params(default)
         try:
-            req = engine.submit(ids, params)
+            req = engine.submit(ids, params, stream=bool(body.stream))
         except ParamError as e:  # a logit_bias token outside the vocabulary
             raise APIError(400, str(e), param=body.field_name(e.param)) from None
         except ContextLengthError as e:

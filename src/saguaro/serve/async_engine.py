@@ -11,6 +11,12 @@ thread takes them in between rounds, so requests join and leave a running batch 
 batching). After each round every changed request gets its new text as a `Delta` on its own
 asyncio queue. A request with n > 1 runs n sequences (its choices) side by side in the batch; their
 deltas share the request's queue, each saying which choice it belongs to.
+
+A streamed choice's text goes out at most every `stream_interval_s` (its first text at once); a
+request that is not streamed hears only its end. Each delta wakes the event loop's thread, and on a
+CPU whose every core runs the forward that wake-up takes a core from it for a moment: the whole step
+waits at OpenMP's barrier. One delta per round cost a streamed single client 16% of `LLM()`'s
+tokens/s on 2 cores, and one that was not streamed 9% (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -54,12 +60,14 @@ class Choice:
     tokens_seen: int = 0
     logprobs_sent: int = 0
     done: bool = False
+    sent_at: float | None = None  # when its last delta went out (time.monotonic)
 
 
 @dataclass(eq=False)
 class Request:
     choices: list[Choice]
     loop: asyncio.AbstractEventLoop
+    stream: bool = True  # deltas as the text grows; False: one at the end
     deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     @property
@@ -71,11 +79,19 @@ class Request:
         return self.choices[0].seq
 
 
+STREAM_INTERVAL_S = 0.05  # at most 20 deltas a second per streamed choice: still a smooth stream to read
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine, tokenizer, max_concurrency: int = 256, own_thread: bool = True):
-        """own_thread: `start` runs the engine on a thread of its own; else the owner calls `run`."""
+    def __init__(self, engine: Engine, tokenizer, max_concurrency: int = 256, own_thread: bool = True,
+                 stream_interval_s: float = STREAM_INTERVAL_S):
+        """own_thread: `start` runs the engine on a thread of its own; else the owner calls `run`.
+        stream_interval_s: the least time between two deltas of a streamed choice (0: every round)."""
+        if stream_interval_s < 0:
+            raise ValueError(f"stream_interval_s must be >= 0, got {stream_interval_s}")
         self.engine, self.tokenizer = engine, tokenizer
         self.max_concurrency = max_concurrency
+        self.stream_interval_s = stream_interval_s
         self.stats = ServerStats()
         self.accepting = True
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -115,9 +131,9 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> Request:
         """Queue a request (params.n sequences); raises ValueError (bad prompt or settings, over the
-        context) or Unavailable."""
+        context) or Unavailable. stream=False: its deltas come only as each choice ends."""
         picks = []
         for i, p in enumerate(choices(params)):
             detok = IncrementalDetokenizer(self.tokenizer, p.stop)
@@ -130,7 +146,7 @@ class AsyncEngine:
                 raise Unavailable(f"the server is at its limit of {self.max_concurrency} sequences in flight; "
                                   "retry later")
             self._in_flight += len(picks)
-        req = Request(picks, asyncio.get_running_loop())
+        req = Request(picks, asyncio.get_running_loop(), stream)
         self._post("add", req)
         return req
 
@@ -219,6 +235,7 @@ class AsyncEngine:
     def _step(self) -> None:
         t0 = time.perf_counter()
         changed = self.engine.step()
+        now = time.monotonic()
         new_tokens = 0
         for seq in changed:
             live = self._live.get(seq.id)
@@ -227,10 +244,15 @@ class AsyncEngine:
             req, choice = live
             new_tokens += max(0, len(seq.output_ids) - choice.tokens_seen)  # a stop string may cut tokens
             choice.tokens_seen = len(seq.output_ids)
-            self._emit(req, choice)
+            if seq.finished or self._due(req, choice, now):
+                self._emit(req, choice, now)
         self.stats.round(len(changed), new_tokens, time.perf_counter() - t0)
 
-    def _emit(self, req: Request, choice: Choice) -> None:
+    def _due(self, req: Request, choice: Choice, now: float) -> bool:
+        """Whether a running choice's new text goes out now (its first text always does: time to first token)."""
+        return req.stream and (choice.sent_at is None or now - choice.sent_at >= self.stream_interval_s)
+
+    def _emit(self, req: Request, choice: Choice, now: float) -> None:
         seq = choice.seq
         text = choice.detok.update(seq.output_ids, final=seq.finished)
         if not text and not seq.finished:
@@ -241,6 +263,7 @@ class AsyncEngine:
             logprobs, choice.logprobs_sent = seq.logprobs[choice.logprobs_sent:upto], upto
         self._send(req, Delta(text, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), index=choice.index,
                               logprobs=logprobs))
+        choice.sent_at = now
         if seq.finished:
             self._finish(choice, "served")
 

@@ -22,7 +22,7 @@ import uvicorn
 from uvicorn.server import HANDLED_SIGNALS
 
 from saguaro.serve.app import build_app
-from saguaro.serve.async_engine import AsyncEngine
+from saguaro.serve.async_engine import STREAM_INTERVAL_S, AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,11 @@ def model_name(path: str | Path) -> str:
 
 def make_server(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                 max_concurrency: int = 256, grace_s: float = GRACE_S, access_log: bool = False,
-                engine_thread: bool = True) -> Server:
+                engine_thread: bool = True, stream_interval_s: float = STREAM_INTERVAL_S) -> Server:
     """engine_thread: the engine runs on a thread of its own (started with the app), for `Server.run`;
-    False for `Server.run_beside_engine`."""
-    engine = AsyncEngine(llm.engine, llm.tokenizer, max_concurrency, own_thread=engine_thread)
+    False for `Server.run_beside_engine`. stream_interval_s: see AsyncEngine."""
+    engine = AsyncEngine(llm.engine, llm.tokenizer, max_concurrency, own_thread=engine_thread,
+                         stream_interval_s=stream_interval_s)
     app = build_app(engine, llm.tokenizer, model_name(llm.target_path), llm.target.config.max_position, api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=access_log, lifespan="on",
                             timeout_graceful_shutdown=int(grace_s) + 5)
@@ -109,11 +110,11 @@ def make_server(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
 
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_concurrency: int = 256, access_log: bool = False) -> None:
+          max_concurrency: int = 256, access_log: bool = False, stream_interval_s: float = STREAM_INTERVAL_S) -> None:
     if not api_key and not _is_loopback(host):
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", host)
     make_server(llm, host, port, api_key, max_concurrency, access_log=access_log,
-                engine_thread=False).run_beside_engine()
+                engine_thread=False, stream_interval_s=stream_interval_s).run_beside_engine()
 
 
 def _is_loopback(host: str) -> bool:

@@ -18,6 +18,6 @@ for t in 0 0.7 1 0-again; do
   $PY benchmarks/ssd_vs_sd.py --k 4 --num-prompts 8 --max-tokens 128 --temperature "${t%-again}" \
     --modes ar,sd-2core,sd-2core-stop,ssd,auto --json "$OUT/auto_t$t.json" || echo "FAILED: ssd_vs_sd T=$t"
 done
-$PY benchmarks/serve_load.py --clients 1,8,32 --temperatures 0,1 --max-tokens 96 --repeats 2 \
+$PY benchmarks/serve_load.py --clients 1,8,32 --temperatures 0,1 --max-tokens 96 --repeats 4 \
   --json "$OUT/serve_load.json" || echo "FAILED: serve_load"
 uptime > "$OUT/load_end_auto.txt"

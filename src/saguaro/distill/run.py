@@ -244,6 +244,9 @@ def run_distill(opts: DistillOptions) -> dict:
     if opts.phase == "all" and opts.teacher == "forced":
         raise ValueError("--phase all generates its teacher data; run --phase teacher-force and --phase train")
     if opts.phase == "teacher":
+        if opts.teacher == "features":  # on-policy text for a feature draft: the engine's own target writes it
+            target, weights = feature_target(opts)
+            log.info("generating teacher: bfloat16 target, %s weights", weights)
         run_teacher(opts, target, tokenizer, data_dir)
         return {}
     if opts.phase == "teacher-features":

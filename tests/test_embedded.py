@@ -74,3 +74,33 @@ def test_bfloat16_batched_equals_one_at_a_time(embedded):
 
     model = load_model(path, dtype=torch.bfloat16)
     assert ar_generate(model, tokenizer, PROMPTS) == ar_generate(model, tokenizer, PROMPTS, batch=False)
+
+
+def test_prefill_groups_bound_the_padding():
+    from saguaro.engine.base import prefill_groups
+
+    lengths = [5, 300, 6, 98, 7, 100, 5]
+    groups = prefill_groups(lengths, 1.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 1.25 * sum(lengths[i] for i in g)
+    assert groups == [[0, 6, 2, 4], [3, 5], [1]]  # shortest first
+    assert prefill_groups(lengths, float("inf")) == [[0, 6, 2, 4, 3, 5, 1]]
+    assert prefill_groups([], 1.25) == []
+
+
+def test_prefill_in_groups_equals_one_padded_batch(embedded):
+    """Prompts of very different lengths: prefilled in groups (the default) or as one padded batch, the
+    same tokens, greedy and seeded."""
+    _, model, tokenizer = embedded
+    prompts = [PROMPTS[0], "word " * 60 + "and so", PROMPTS[2], "x = 1\n" * 30, PROMPTS[1]]
+    for params in ({}, {"temperature": 0.8, "seed": 3}):
+        outs = []
+        for slack in (float("inf"), 1.25):
+            engine = AREngine(model, tokenizer.stop_token_ids)
+            engine.prefill_slack = slack
+            sp = SamplingParams(max_tokens=12, ignore_eos=True, **(params or {"temperature": 0}))
+            seqs = [Sequence(tokenizer.encode(p), sp) for p in prompts]
+            engine.run(seqs)
+            outs.append([s.output_ids for s in seqs])
+        assert outs[0] == outs[1]

@@ -26,8 +26,31 @@ class ContextLengthError(ValueError):
     pass
 
 
+PREFILL_SLACK = 1.25  # a prefill batch computes at most this many positions per prompt token
+
+
+def prefill_groups(lengths: list[int], slack: float = PREFILL_SLACK) -> list[list[int]]:
+    """Indices of prompts in batches for prefill, shortest first, each batch padded to its longest
+    prompt computing at most `slack` x its prompts' tokens. One padded batch of 32 held-out chat
+    prompts (3,403 tokens, the longest 596) computed 19,072 positions, 5.6x the work."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    tokens = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]  # the longest so far
+        if group and (len(group) + 1) * n > slack * (tokens + n):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(i)
+        tokens += n
+    if group:
+        groups.append(group)
+    return groups
+
+
 class Engine:
     mode = "base"
+    prefill_slack = PREFILL_SLACK  # see prefill_groups; inf: all new prompts in one padded batch
 
     def __init__(self, target: CausalLM, stop_token_ids: set[int], max_batch_size: int = 64):
         self.target = target
@@ -114,7 +137,13 @@ class Engine:
         return seqs
 
     def prefill(self, seqs: list[Sequence]) -> None:
-        """Prefill new sequences as one padded batch, sample each one's first token, join the batch."""
+        """Prefill new sequences in padded batches of similar lengths (`prefill_groups`), sample each
+        one's first token, join the running batch. A row's logits and cache do not depend on the rows
+        beside it, so the grouping changes no output."""
+        for group in prefill_groups([len(s.prompt_ids) for s in seqs], self.prefill_slack):
+            self._prefill_batch([seqs[i] for i in group])
+
+    def _prefill_batch(self, seqs: list[Sequence]) -> None:
         ids, lengths = right_pad([s.prompt_ids for s in seqs])
         capacity = max(len(s.prompt_ids) + s.params.max_tokens for s in seqs) + 2 * self.lookahead + 1
         cache = self.target.new_cache(len(seqs), capacity)

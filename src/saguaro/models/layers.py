@@ -10,7 +10,7 @@ from torch import nn
 
 from saguaro.config import ModelConfig
 from saguaro.kv_cache import KVCache
-from saguaro.models.attention import inference_attention, sdpa
+from saguaro.models.attention import sdpa, write_and_attend
 from saguaro.models.linear import Linear
 
 
@@ -109,8 +109,9 @@ class Attention(nn.Module):
         if cache is None:  # training: the whole sequence at once, causal
             out = sdpa(q, k, v, mask)
         else:
-            keys, values = cache.write(self.layer_index, slots, k, v, mask.shape[-1])
-            out = inference_attention(q, keys, values, mask)
+            # saguaro's C++ attention where it applies (a few queries: batched decoding, verification), as
+            # in the compiled step; else the cache write and torch's attention
+            out = write_and_attend(q, k, v, cache.k[self.layer_index], cache.v[self.layer_index], slots, mask)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -141,3 +141,24 @@ def test_packed_bf16_one_row_equals_its_row_among_many():
             alone = layer(x[:1])
             for m in (2, 5, 9):
                 assert torch.equal(layer(x[:m])[:1], alone), (k, n, m)
+
+
+def test_kv_cache_join_keeps_each_row_and_length():
+    from saguaro.kv_cache import KVCache
+
+    caches = []
+    for batch, capacity in ((2, 5), (1, 9), (3, 4)):
+        c = KVCache(2, batch, 1, 4, capacity, torch.float32)  # layers, rows, heads, head dim, slots
+        c.k.normal_(), c.v.normal_()
+        c.lengths[:] = torch.arange(batch) + capacity // 2
+        caches.append(c)
+    joined = KVCache.join(caches)
+    assert joined.batch == 6 and joined.capacity == 9
+    row = 0
+    for c in caches:
+        assert torch.equal(joined.k[:, row: row + c.batch, :, : c.capacity], c.k)
+        assert torch.equal(joined.v[:, row: row + c.batch, :, : c.capacity], c.v)
+        assert not joined.k[:, row: row + c.batch, :, c.capacity:].any()
+        row += c.batch
+    assert joined.lengths.tolist() == [c for x in caches for c in x.lengths.tolist()]
+    assert KVCache.join(caches[:1]) is caches[0]

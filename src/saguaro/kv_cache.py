@@ -51,6 +51,24 @@ class KVCache:
         write_slots(self.k[layer], self.v[layer], slots, k, v)
         return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
 
+    @staticmethod
+    def join(caches: list["KVCache"]) -> "KVCache":
+        """One cache holding the rows of `caches` in order, as wide as the widest, each row copied once
+        (extending one cache by each in turn copies the rows already joined again every time)."""
+        if len(caches) == 1:
+            return caches[0]
+        shape = list(caches[0].k.shape)
+        shape[1], shape[3] = sum(c.batch for c in caches), max(c.capacity for c in caches)
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = caches[0].k.new_zeros(shape), caches[0].v.new_zeros(shape)
+        row = 0
+        for c in caches:
+            out.k[:, row: row + c.batch, :, : c.capacity] = c.k
+            out.v[:, row: row + c.batch, :, : c.capacity] = c.v
+            row += c.batch
+        out.lengths = torch.cat([c.lengths for c in caches])
+        return out
+
     def truncate(self, row: int, length: int) -> None:
         self.lengths[row] = min(int(self.lengths[row]), length)
 

@@ -140,10 +140,12 @@ class Engine:
         """Prefill new sequences in padded batches of similar lengths (`prefill_groups`), sample each
         one's first token, join the running batch. A row's logits and cache do not depend on the rows
         beside it, so the grouping changes no output."""
-        for group in prefill_groups([len(s.prompt_ids) for s in seqs], self.prefill_slack):
-            self._prefill_batch([seqs[i] for i in group])
+        caches = [self._prefill_batch([seqs[i] for i in group])
+                  for group in prefill_groups([len(s.prompt_ids) for s in seqs], self.prefill_slack)]
+        self.cache = KVCache.join(([] if self.cache is None else [self.cache]) + caches)
 
-    def _prefill_batch(self, seqs: list[Sequence]) -> None:
+    def _prefill_batch(self, seqs: list[Sequence]) -> KVCache:
+        """One padded batch: its cache (which `prefill` joins to the running batch's), its first tokens."""
         ids, lengths = right_pad([s.prompt_ids for s in seqs])
         capacity = max(len(s.prompt_ids) + s.params.max_tokens for s in seqs) + 2 * self.lookahead + 1
         cache = self.target.new_cache(len(seqs), capacity)
@@ -157,11 +159,8 @@ class Engine:
         cache.lengths[:] = lengths
         self.on_prefill(seqs, ids, lengths, cache, states)
         append_sampled(seqs, logits, self.stop_ids)
-        if self.cache is None:
-            self.cache = cache
-        else:
-            self.cache.extend(cache)
         self.running += seqs
+        return cache
 
     def retire(self) -> None:
         """Drop finished sequences' rows from every cache."""

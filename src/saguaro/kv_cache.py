@@ -46,11 +46,6 @@ class KVCache:
         self.k = torch.cat([self.k, self.k.new_zeros(pad)], dim=3)
         self.v = torch.cat([self.v, self.v.new_zeros(pad)], dim=3)
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int):
-        """Store k, v ([B, H, T, D]) at `slots` ([B, T]); return this layer's first `span` slots."""
-        write_slots(self.k[layer], self.v[layer], slots, k, v)
-        return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
-
     @staticmethod
     def join(caches: list["KVCache"]) -> "KVCache":
         """One cache holding the rows of `caches` in order, as wide as the widest, each row copied once
@@ -92,9 +87,5 @@ class KVCache:
 
     def extend(self, other: "KVCache") -> None:
         """Append another cache's rows after ours (sequences joining a running batch)."""
-        size = max(self.capacity, other.capacity)
-        self.ensure_capacity(size)
-        other.ensure_capacity(size)
-        self.k = torch.cat([self.k[:, :, :, :size], other.k[:, :, :, :size]], dim=1)
-        self.v = torch.cat([self.v[:, :, :, :size], other.v[:, :, :, :size]], dim=1)
-        self.lengths = torch.cat([self.lengths, other.lengths])
+        joined = KVCache.join([self, other])
+        self.k, self.v, self.lengths = joined.k, joined.v, joined.lengths

@@ -149,12 +149,14 @@ class MeasuredRounds:
         spec = self.speculative
         ssd, ar = self._clock(band, spec), self._clock(band, "ar")
         prior = self.prior.get(band)
-        for mode in (prior, "ar" if prior == spec else spec) if prior else (spec, "ar"):
+        order = (spec, "ar") if prior is None else (prior, "ar" if prior == spec else spec)
+        for mode in order:
             clock = self._clock(band, mode)
             if clock.rounds >= self.warmup:
                 continue
             since = self._since_explore.get(band, 0)
-            if mode != prior and prior is not None and since < self.explore_every and self._last_mode.get(band) != mode:
+            deferred = prior is not None and mode != prior and self._last_mode.get(band) != mode
+            if deferred and since < self.explore_every:
                 # the prior's mode runs first; the other is first timed where it would be re-measured
                 # (a fresh server's first requests run what recorded runs found faster)
                 self._since_explore[band] = since + 1

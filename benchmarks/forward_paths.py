@@ -1,10 +1,10 @@
 """Target forward time per path on this CPU: eager float32 / bfloat16 (dense weights, or the GGUF file's
 own Q4_1/Q8_0 blocks, the default, with bfloat16 or int8 activations), and
-optionally the engine's compiled steps (models/compiled.py: AOTInductor, 1 and 5 tokens), side by side.
+optionally the engine's compiled steps (models/compiled.py: AOTInductor), side by side.
 
 A measurement for choosing the fast forward, not engine code. Embedded target, KV cache of --kv tokens,
-median of --repeats calls, 1 token (a decode step) and K+1 = 5 tokens (a verification); the paths take
-turns call by call.
+median of --repeats calls of each --tokens count (default 1, a decode step, and K+1 = 5, a verification);
+the paths take turns call by call.
 
     python benchmarks/forward_paths.py --threads 1 [--compile] [--json docs/results/forward_paths.json]
 """
@@ -57,6 +57,8 @@ def main() -> None:
                     help="also time the compiled steps (minutes the first time, then loaded from the cache)")
     ap.add_argument("--paths", nargs="*", choices=["dense", "file", "file-int8"],
                     help="only these weight paths (float32 runs with dense)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 5],
+                    help="tokens per call: 1 is a decode step, K+1 a verification")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,15 +76,15 @@ def main() -> None:
                 use_kernels(model, cache_root() / "kernels")
             models.append(model)
             rows.append({"dtype": str(dtype).removeprefix("torch."), "weights": weights, "threads": args.threads})
-        for tokens in (1, 5):
+        for tokens in args.tokens:
             for row, ms in zip(rows, interleaved_ms(models, args.kv, tokens, args.repeats)):
                 row[f"eager_{tokens}_ms"] = ms
         if args.compile:
             for row, model in zip(rows, models):
                 t = time.perf_counter()
-                model.compiled = compile_step(model, cache_root() / "compiled", [(1, None), (5, None)])
+                model.compiled = compile_step(model, cache_root() / "compiled", [(t, None) for t in args.tokens])
                 row["compile_or_load_s"] = time.perf_counter() - t
-            for tokens in (1, 5):
+            for tokens in args.tokens:
                 for row, ms in zip(rows, interleaved_ms(models, args.kv, tokens, args.repeats)):
                     row[f"compiled_{tokens}_ms"] = ms
         for row in rows:

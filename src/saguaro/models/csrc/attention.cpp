@@ -73,22 +73,35 @@ inline __mmask16 seen_bits(const bool* allowed, int64_t s0, int64_t n) {
   return _mm_test_epi8_mask(bytes, bytes);
 }
 
-// R query rows (D = NV * 16 each, as stored) that share one key/value head, against keys [0, S); row r
+// A row's scores [0, S) -> exp(score - top) in place; returns 1 / their sum (key s summed in lane s % 16).
+inline float exponentiate(float* scores, int64_t S, float top) {
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 lanes = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; s += 16) {
+    const __mmask16 live = S - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - s)) - 1);
+    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, scores + s);
+    const __m512 p = exp_nonpositive(_mm512_sub_ps(x, shift));
+    _mm512_mask_storeu_ps(scores + s, live, p);
+    lanes = _mm512_add_ps(lanes, p);
+  }
+  const float total = _mm512_reduce_add_ps(lanes);
+  return total > 0.0f ? 1.0f / total : 0.0f;
+}
+
+// float32: R query rows (D = NV * 16 each) that share one key/value head, against keys [0, S); row r
 // may see key s where allowed[r][s]. Keys go 16 at a time, and a row's 16 scores are 16 fixed 16-lane dot
-// products summed by sum_each: in bfloat16, VDPBF16PS over the query and the key as stored (exact
-// products, no widening); in float32, FMAs over keys loaded once for all R rows. The softmax total sums
-// key s in lane s % 16; values are accumulated key by key in index order. None of that depends on the
-// other rows, so a row's output is the same whatever rows share the call. Keys no row may see are never
-// read, and a score a row may not see is -inf whatever its key held.
+// products (FMAs over keys loaded once for all R rows) summed by sum_each. The softmax total sums key s
+// in lane s % 16; values are accumulated key by key in index order. None of that depends on the other
+// rows, so a row's output is the same whatever rows share the call. Keys no row may see are never read,
+// and a score a row may not see is -inf whatever its key held.
 template <typename T, int NV, int R>
 void attend_rows(const T* const* q, const T* keys, const T* values, const bool* const* allowed, int64_t S,
                  float scale, float* const* scores, T* const* out) {
-  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
   constexpr int64_t D = NV * 16;
   const __m512 none = _mm512_set1_ps(-INFINITY), scales = _mm512_set1_ps(scale);
   __m512 tops[R];
   for (int r = 0; r < R; ++r) tops[r] = none;
-  alignas(64) float widened[kBf16 ? 1 : 16][D];  // float32 keys of the chunk (bfloat16 reads them as stored)
+  alignas(64) float widened[16][D];  // the chunk's keys, read once for all rows
   for (int64_t s0 = 0; s0 < S; s0 += 16) {
     const int64_t n = std::min<int64_t>(16, S - s0);
     const __mmask16 live = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
@@ -98,31 +111,19 @@ void attend_rows(const T* const* q, const T* keys, const T* values, const bool* 
       for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(scores[r] + s0, live, none);
       continue;
     }
-    if constexpr (!kBf16)
-      for (int j = 0; j < 16; ++j)
-        for (int i = 0; i < NV; ++i)
-          _mm512_store_ps(widened[j] + 16 * i, (any >> j) & 1 ? load16(keys + (s0 + j) * D + 16 * i) : _mm512_setzero_ps());
+    for (int j = 0; j < 16; ++j)
+      for (int i = 0; i < NV; ++i)
+        _mm512_store_ps(widened[j] + 16 * i, (any >> j) & 1 ? load16(keys + (s0 + j) * D + 16 * i) : _mm512_setzero_ps());
     for (int r = 0; r < R; ++r) {
       if (!seen[r]) {
         _mm512_mask_storeu_ps(scores[r] + s0, live, none);
         continue;
       }
       __m512 dots[16];
-      if constexpr (kBf16) {
-        for (int j = 0; j < 16; ++j) {
-          dots[j] = _mm512_setzero_ps();
-          if (!((any >> j) & 1)) continue;  // a key no row sees is never read
-          const T* key = keys + (s0 + j) * D;
-          for (int i = 0; i < NV / 2; ++i)
-            dots[j] = _mm512_dpbf16_ps(dots[j], (__m512bh)_mm512_loadu_si512(q[r] + 32 * i),
-                                       (__m512bh)_mm512_loadu_si512(key + 32 * i));
-        }
-      } else {
-        for (int j = 0; j < 16; ++j) {
-          dots[j] = _mm512_mul_ps(_mm512_loadu_ps(q[r]), _mm512_load_ps(widened[j]));
-          for (int i = 1; i < NV; ++i)
-            dots[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + 16 * i), _mm512_load_ps(widened[j] + 16 * i), dots[j]);
-        }
+      for (int j = 0; j < 16; ++j) {
+        dots[j] = _mm512_mul_ps(_mm512_loadu_ps(q[r]), _mm512_load_ps(widened[j]));
+        for (int i = 1; i < NV; ++i)
+          dots[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + 16 * i), _mm512_load_ps(widened[j] + 16 * i), dots[j]);
       }
       const __m512 chunk = _mm512_mask_blend_ps(seen[r], none, _mm512_mul_ps(sum_each(dots), scales));
       _mm512_mask_storeu_ps(scores[r] + s0, live, chunk);
@@ -132,19 +133,7 @@ void attend_rows(const T* const* q, const T* keys, const T* values, const bool* 
   float top[R];
   for (int r = 0; r < R; ++r) top[r] = _mm512_reduce_max_ps(tops[r]);
   float inv[R];
-  for (int r = 0; r < R; ++r) {
-    const __m512 shift = _mm512_set1_ps(top[r]);
-    __m512 lanes = _mm512_setzero_ps();
-    for (int64_t s = 0; s < S; s += 16) {
-      const __mmask16 live = S - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - s)) - 1);
-      const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, scores[r] + s);
-      const __m512 p = exp_nonpositive(_mm512_sub_ps(x, shift));
-      _mm512_mask_storeu_ps(scores[r] + s, live, p);
-      lanes = _mm512_add_ps(lanes, p);
-    }
-    const float total = _mm512_reduce_add_ps(lanes);
-    inv[r] = total > 0.0f ? 1.0f / total : 0.0f;
-  }
+  for (int r = 0; r < R; ++r) inv[r] = exponentiate(scores[r], S, top[r]);
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
@@ -162,6 +151,144 @@ void attend_rows(const T* const* q, const T* keys, const T* values, const bool* 
   }
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < NV; ++i) store16(out[r] + 16 * i, _mm512_mul_ps(acc[r][i], _mm512_set1_ps(inv[r])));
+}
+
+// 16 registers of 16 int32 -> their transpose (register p gets element p of each): 64 shuffles.
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: (r_2i[c], r_2i+1[c], ...) for c = 0, 1 and 2, 3
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane L: rows 4i..4i+3 of column 4L + c
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // lanes: columns c and 8 + c (t[c]) or 4 + c and 12 + c (t[4 + c]) of rows 0-7
+    t[c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+    t[8 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD);
+    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xDD);
+  }
+}
+
+// Scores of RG query rows against one chunk of 16 keys held transposed (kt[p], lane j: the bfloat16 pair p
+// of key j): per row, two VDPBF16PS chains over the even and the odd pairs, added. The same operations
+// for every row whatever rows come with it.
+template <int P, int RG>
+inline void chunk_scores(const int32_t* const* qpairs, const __m512i* kt, __m512 (&dots)[RG]) {
+  __m512 even[RG], odd[RG];
+  for (int r = 0; r < RG; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+  for (int p = 0; p < P; p += 2) {
+    const __m512bh a = (__m512bh)kt[p], b = (__m512bh)kt[p + 1];
+    for (int r = 0; r < RG; ++r) {
+      even[r] = _mm512_dpbf16_ps(even[r], a, (__m512bh)_mm512_set1_epi32(qpairs[r][p]));
+      odd[r] = _mm512_dpbf16_ps(odd[r], b, (__m512bh)_mm512_set1_epi32(qpairs[r][p + 1]));
+    }
+  }
+  for (int r = 0; r < RG; ++r) dots[r] = _mm512_add_ps(even[r], odd[r]);
+}
+
+// Values of keys [0, S) weighted by RG rows' exponentiated scores, in key index order; a row adds only
+// the keys it sees (a masked FMA leaves the others out exactly), and keys no row of the group sees are
+// never read.
+template <int NV, int RG>
+inline void weigh_values(const at::BFloat16* values, int64_t S, const __mmask16* const* seen, const float* const* p,
+                         const float* inv, at::BFloat16* const* out) {
+  constexpr int64_t D = NV * 16;
+  __m512 acc[RG][NV];
+  for (int r = 0; r < RG; ++r)
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c * 16 < S; ++c) {
+    __mmask16 any = 0;
+    for (int r = 0; r < RG; ++r) any |= seen[r][c];
+    for (uint32_t bits = any; bits; bits &= bits - 1) {
+      const int64_t s = c * 16 + __builtin_ctz(bits);
+      __m512 vv[NV];
+      for (int i = 0; i < NV; ++i) vv[i] = load16(values + s * D + 16 * i);
+      for (int r = 0; r < RG; ++r) {
+        const __mmask16 keep = (seen[r][c] >> (s - c * 16)) & 1 ? __mmask16(0xFFFF) : __mmask16(0);
+        const __m512 w = _mm512_set1_ps(p[r][s]);
+        for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_mask3_fmadd_ps(w, vv[i], acc[r][i], keep);
+      }
+    }
+  }
+  for (int r = 0; r < RG; ++r)
+    for (int i = 0; i < NV; ++i) store16(out[r] + 16 * i, _mm512_mul_ps(acc[r][i], _mm512_set1_ps(inv[r])));
+}
+
+constexpr int kBf16Rows = 8;  // query rows per task: each chunk of keys is transposed once for them all
+
+// bfloat16: R <= kBf16Rows query rows (D = NV * 16) sharing one key/value head, against keys [0, S); row r
+// may see key s where allowed[r][s]. Each chunk of 16 keys is transposed once (transpose16), so a row's 16
+// scores are VDPBF16PS products over the pairs of its query (exact products, no widening) with no sum
+// across lanes. A score a row may not see is -inf whatever its key held (keys past S are read as zeros);
+// the rest is as in attend_rows: nothing a row computes depends on the other rows.
+template <int NV>
+void attend_rows_bf16(int R, const at::BFloat16* const* q, const at::BFloat16* keys, const at::BFloat16* values,
+                      const bool* const* allowed, int64_t S, float scale, float* const* scores, __mmask16* seen_all,
+                      at::BFloat16* const* out) {
+  constexpr int64_t D = NV * 16, P = D / 2;
+  const int64_t chunks = (S + 15) / 16;
+  const __m512 none = _mm512_set1_ps(-INFINITY), scales = _mm512_set1_ps(scale);
+  const int32_t* qpairs[kBf16Rows];
+  __mmask16* seen[kBf16Rows];
+  __m512 tops[kBf16Rows];
+  for (int r = 0; r < R; ++r) {
+    qpairs[r] = reinterpret_cast<const int32_t*>(q[r]);
+    seen[r] = seen_all + r * chunks;
+    tops[r] = none;
+  }
+  alignas(64) __m512i kt[P];
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t s0 = c * 16, n = std::min<int64_t>(16, S - s0);
+    const __mmask16 live = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    __mmask16 any = 0;
+    for (int r = 0; r < R; ++r) any |= seen[r][c] = seen_bits(allowed[r], s0, n);
+    if (!any) {
+      for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(scores[r] + s0, live, none);
+      continue;
+    }
+    for (int h = 0; h < P / 16; ++h) {
+      __m512i rows[16];
+      for (int j = 0; j < 16; ++j)
+        rows[j] = j < n ? _mm512_loadu_si512(keys + (s0 + j) * D + 32 * h) : _mm512_setzero_si512();
+      transpose16(rows);
+      for (int p = 0; p < 16; ++p) kt[16 * h + p] = rows[p];
+    }
+    for (int r0 = 0; r0 < R; r0 += 4) {
+      const int rg = std::min(4, R - r0);
+      __m512 dots[4];
+      if (rg == 4) chunk_scores<P, 4>(qpairs + r0, kt, reinterpret_cast<__m512(&)[4]>(dots));
+      else if (rg == 3) chunk_scores<P, 3>(qpairs + r0, kt, reinterpret_cast<__m512(&)[3]>(dots));
+      else if (rg == 2) chunk_scores<P, 2>(qpairs + r0, kt, reinterpret_cast<__m512(&)[2]>(dots));
+      else chunk_scores<P, 1>(qpairs + r0, kt, reinterpret_cast<__m512(&)[1]>(dots));
+      for (int r = r0; r < r0 + rg; ++r) {
+        const __m512 chunk = _mm512_mask_blend_ps(seen[r][c], none, _mm512_mul_ps(dots[r - r0], scales));
+        _mm512_mask_storeu_ps(scores[r] + s0, live, chunk);
+        tops[r] = _mm512_max_ps(tops[r], chunk);
+      }
+    }
+  }
+  float inv[kBf16Rows];
+  for (int r = 0; r < R; ++r) inv[r] = exponentiate(scores[r], S, _mm512_reduce_max_ps(tops[r]));
+  constexpr int kGroup = NV == 4 ? 4 : 3;  // rows per pass over the values: NV * kGroup accumulators
+  for (int r0 = 0; r0 < R; r0 += kGroup) {
+    const int rg = std::min(kGroup, R - r0);
+    const float* const* p = scores + r0;
+    if (rg == kGroup) weigh_values<NV, kGroup>(values, S, seen + r0, p, inv + r0, out + r0);
+    else if (rg == 3) weigh_values<NV, std::min(3, kGroup)>(values, S, seen + r0, p, inv + r0, out + r0);
+    else if (rg == 2) weigh_values<NV, std::min(2, kGroup)>(values, S, seen + r0, p, inv + r0, out + r0);
+    else weigh_values<NV, 1>(values, S, seen + r0, p, inv + r0, out + r0);
+  }
 }
 
 // cache [B, Hk, C, D] at row b, slot slots[b, t] <- x [B, Hk, T, D] at t (a copy per head: no dispatch)
@@ -198,7 +325,8 @@ constexpr AttendRows<T, NV> kAttendRows[6] = {attend_rows<T, NV, 1>, attend_rows
 template <typename T, int NV>
 void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& mask,
                at::Tensor& out) {
-  constexpr int64_t D = NV * 16, kChunk = 24 / NV;  // query rows per call
+  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+  constexpr int64_t D = NV * 16, kChunk = kBf16 ? kBf16Rows : 24 / NV;  // query rows per task
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2);
   const int64_t Hk = kc.size(1), C = kc.size(2), S = mask.size(-1), group = H / Hk;
   const int64_t rows = group * Tq, chunks = (rows + kChunk - 1) / kChunk;  // rows of one kv head: (head, t)
@@ -210,6 +338,7 @@ void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
   T* op = out.mutable_data_ptr<T>();
   at::parallel_for(0, B * Hk * chunks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(kChunk * S);
+    std::vector<__mmask16> seen(kBf16 ? kChunk * ((S + 15) / 16) : 0);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hk * chunks), hk = (i / chunks) % Hk, c = i % chunks;
       const int64_t r0 = c * kChunk, count = std::min(kChunk, rows - r0);
@@ -226,7 +355,10 @@ void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
         out_rows[r] = op + row * D;
       }
       const int64_t kv = (b * Hk + hk) * C * D;
-      kAttendRows<T, NV>[count - 1](qrows, kp + kv, vp + kv, allowed, S, scale, score_rows, out_rows);
+      if constexpr (kBf16)
+        attend_rows_bf16<NV>(count, qrows, kp + kv, vp + kv, allowed, S, scale, score_rows, seen.data(), out_rows);
+      else
+        kAttendRows<T, NV>[count - 1](qrows, kp + kv, vp + kv, allowed, S, scale, score_rows, out_rows);
     }
   });
 }

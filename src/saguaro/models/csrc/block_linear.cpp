@@ -85,66 +85,71 @@ struct Tables {
   }
 };
 
-// Rows [0, M) of x against groups [g0, g0 + G) of one tile; acc[m][g] gets their 16 outputs each.
+// Rows [0, M) of x against one tile; acc[m][g] gets group g's 16 outputs for row m. The tile is read in
+// its stream order, all 4 groups of block b before block b + 1 (sweeping it once per group made four
+// strided passes over memory where there is one sequential one), G groups at a time: the partial sums of
+// a block, two chains per output (half the latency per block), take 2 * M * G registers. Each output
+// sees the same operations in the same order for every M and G.
 template <Format F, int M, int G>
-inline void tile_rows(const at::BFloat16* x, const float* xsum, int64_t K, const uint8_t* tile, int64_t blocks,
-                      int64_t g0, const Tables<F>& tables, Acc& acc) {
+void tile_pass(const at::BFloat16* x, const float* xsum, int64_t K, const uint8_t* tile, int64_t blocks,
+               const Tables<F>& tables, Acc& acc) {
   using S = Spec<F>;
+  constexpr int64_t kAhead = 4 * kTileGroups * S::kBytes;  // prefetch distance: 4 blocks
   const __m512i low4 = _mm512_set1_epi16(0x0F);
-  __m512 total[M][G];
+  __m512 total[M][kTileGroups];  // local, not acc: stores through acc might alias x for the compiler
   for (int m = 0; m < M; ++m)
-    for (int g = 0; g < G; ++g) total[m][g] = _mm512_setzero_ps();
+    for (int g = 0; g < kTileGroups; ++g) total[m][g] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = tile + (b * kTileGroups + g0) * S::kBytes;
-    _mm_prefetch(reinterpret_cast<const char*>(block) + 2 * kTileGroups * S::kBytes, _MM_HINT_T0);
-    __m512 part[M][G], part_hi[M][G];  // two chains per output: half the latency per block
-    for (int m = 0; m < M; ++m)
-      for (int g = 0; g < G; ++g) part[m][g] = part_hi[m][g] = _mm512_setzero_ps();
-    for (int i = 0; i < S::kLoads; ++i) {
-      for (int g = 0; g < G; ++g) {
-        const uint8_t* q = block + g * S::kBytes + i * 32;
-        if (i % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(q) + 4 * kTileGroups * S::kBytes, _MM_HINT_T0);
-        const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-        const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(w, low4), tables.lo);
-        const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), tables.hi);
-        for (int m = 0; m < M; ++m) {
-          const auto* pairs = reinterpret_cast<const int32_t*>(x + m * K + b * kBlock);
-          part[m][g] = _mm512_dpbf16_ps(part[m][g], lo, (__m512bh)_mm512_set1_epi32(pairs[S::lo_pair(i)]));
-          part_hi[m][g] = _mm512_dpbf16_ps(part_hi[m][g], hi, (__m512bh)_mm512_set1_epi32(pairs[S::hi_pair(i)]));
+    const uint8_t* block = tile + b * kTileGroups * S::kBytes;
+#pragma GCC unroll 4
+    for (int g0 = 0; g0 < kTileGroups; g0 += G) {
+      __m512 part[M][G], part_hi[M][G];
+      for (int m = 0; m < M; ++m)
+        for (int g = 0; g < G; ++g) part[m][g] = part_hi[m][g] = _mm512_setzero_ps();
+      for (int i = 0; i < S::kLoads; ++i) {
+        for (int g = 0; g < G; ++g) {
+          const uint8_t* q = block + (g0 + g) * S::kBytes + i * 32;
+          if (i % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(q) + kAhead, _MM_HINT_T0);
+          const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+          const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(w, low4), tables.lo);
+          const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), tables.hi);
+          for (int m = 0; m < M; ++m) {
+            const auto* pairs = reinterpret_cast<const int32_t*>(x + m * K + b * kBlock);
+            part[m][g] = _mm512_dpbf16_ps(part[m][g], lo, (__m512bh)_mm512_set1_epi32(pairs[S::lo_pair(i)]));
+            part_hi[m][g] = _mm512_dpbf16_ps(part_hi[m][g], hi, (__m512bh)_mm512_set1_epi32(pairs[S::hi_pair(i)]));
+          }
         }
       }
-    }
-    for (int g = 0; g < G; ++g) {
-      const uint8_t* scales = block + g * S::kBytes + S::kLoads * 32;
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
-      for (int m = 0; m < M; ++m)
-        total[m][g] = _mm512_fmadd_ps(_mm512_add_ps(part[m][g], part_hi[m][g]), d, total[m][g]);
-      if constexpr (F == Format::kQ4_1) {
-        const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* scales = block + (g0 + g) * S::kBytes + S::kLoads * 32;
+        _mm_prefetch(reinterpret_cast<const char*>(scales) + kAhead, _MM_HINT_T0);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
         for (int m = 0; m < M; ++m)
-          total[m][g] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xsum[m * blocks + b]), total[m][g]);
+          total[m][g0 + g] = _mm512_fmadd_ps(_mm512_add_ps(part[m][g], part_hi[m][g]), d, total[m][g0 + g]);
+        if constexpr (F == Format::kQ4_1) {
+          const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
+          for (int m = 0; m < M; ++m)
+            total[m][g0 + g] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xsum[m * blocks + b]), total[m][g0 + g]);
+        }
       }
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int g = 0; g < G; ++g) acc[m][g0 + g] = total[m][g];
+    for (int g = 0; g < kTileGroups; ++g) acc[m][g] = total[m][g];
 }
 
-// M rows of a pass against one tile: as many groups at a time as the registers hold (3 * M * G <= 24).
-template <Format F, int M>
-void tile_pass(const at::BFloat16* x, const float* xsum, int64_t K, const uint8_t* tile, int64_t blocks,
-               const Tables<F>& tables, Acc& acc) {
-  constexpr int G = M == 1 ? 4 : M <= 3 ? 2 : 1;
-  for (int64_t g0 = 0; g0 < kTileGroups; g0 += G) tile_rows<F, M, G>(x, xsum, K, tile, blocks, g0, tables, acc);
-}
+// Groups at a time per row count: 2 * M * G partial sums in registers, beside the lookup tables.
+constexpr int groups_for(int rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 1; }
 
 template <Format F>
 using TilePass = void (*)(const at::BFloat16*, const float*, int64_t, const uint8_t*, int64_t, const Tables<F>&,
                           Acc&);
 
 template <Format F>
-constexpr TilePass<F> kTilePass[kMaxPassRows] = {tile_pass<F, 1>, tile_pass<F, 2>, tile_pass<F, 3>, tile_pass<F, 4>,
-                                                 tile_pass<F, 5>, tile_pass<F, 6>, tile_pass<F, 7>, tile_pass<F, 8>};
+constexpr TilePass<F> kTilePass[kMaxPassRows] = {
+    tile_pass<F, 1, groups_for(1)>, tile_pass<F, 2, groups_for(2)>, tile_pass<F, 3, groups_for(3)>,
+    tile_pass<F, 4, groups_for(4)>, tile_pass<F, 5, groups_for(5)>, tile_pass<F, 6, groups_for(6)>,
+    tile_pass<F, 7, groups_for(7)>, tile_pass<F, 8, groups_for(8)>};
 
 // Per row and block, the float sum of x over the block (Q4_1's m term), in a fixed order.
 std::vector<float> block_sums(const at::BFloat16* x, int64_t M, int64_t K) {

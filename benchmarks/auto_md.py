@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 
@@ -135,6 +136,29 @@ def forward_section(results: Path) -> list[str]:
     return lines + [""]
 
 
+def verification_section(results: Path) -> list[str]:
+    """Compiled forward of 1..5 tokens at two commits, runs alternating (benchmarks/ab_forward.sh)."""
+    lines = []
+    for path in sorted(results.glob("forward_ab_*t.jsonl")):
+        runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not runs:
+            continue
+        tokens = sorted(int(k.split("_")[1]) for k in runs[0] if k.startswith("compiled_"))
+        if not lines:
+            lines = ["## Verification: T tokens per call against one", "",
+                     "`benchmarks/ab_forward.sh REV THREADS ROUNDS`: the compiled default forward (bfloat16 over the "
+                     "GGUF's blocks), KV of 300 tokens, at two commits, runs alternating; each cell is the median "
+                     "over runs of each run's median ms, and in brackets its ratio to one token.", "",
+                     "| threads | commit | runs | " + " | ".join(f"{t} token{'s' * (t > 1)}" for t in tokens) + " |",
+                     "| --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |"]
+        for commit in dict.fromkeys(r["commit"] for r in runs):
+            mine = [r for r in runs if r["commit"] == commit]
+            ms = {t: statistics.median(r[f"compiled_{t}_ms"] for r in mine) for t in tokens}
+            lines.append(f"| {mine[0]['threads']} | {commit} | {len(mine)} | "
+                         + " | ".join(f"{ms[t]:.2f} ({ms[t] / ms[tokens[0]]:.2f})" for t in tokens) + " |")
+    return lines + [""] if lines else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="docs/results")
@@ -146,7 +170,8 @@ def main() -> None:
              "may be re-run alone with the command it shows (git log docs/results/ says when). "
              f"CPU: {cpu_line(results)}.",
              "Absolute numbers move ~10% between runs on this VM; read the ratios within a row.", ""]
-    lines += serve_section(results) + auto_section(results) + draft_length_section(results) + forward_section(results)
+    lines += serve_section(results) + auto_section(results) + draft_length_section(results) + verification_section(results)
+    lines += forward_section(results)
     Path(args.out).write_text("\n".join(lines))
 
 

@@ -117,7 +117,9 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// Rows [0, M) against groups [g0, g0 + G) of one tile; acc[m][g] gets their 16 outputs each.
+// Rows [0, M) against groups [g0, g0 + G) of one tile, a sweep over its blocks per call; acc[m][g] gets
+// their 16 outputs each. Passes of 6 or more rows run this way (measured faster there, the running
+// totals staying in registers); their operations per output are those of tile_pass below.
 template <Format F, int M, int G>
 inline void tile_rows(const RowsView& xq, int64_t K, const uint8_t* tile, int64_t blocks, int64_t g0,
                       Acc& acc) {
@@ -179,19 +181,88 @@ inline void tile_rows(const RowsView& xq, int64_t K, const uint8_t* tile, int64_
     for (int g = 0; g < G; ++g) acc[m][g0 + g] = total[m][g];
 }
 
-template <Format F, int M>
-void tile_pass(const RowsView& xq, int64_t K, const uint8_t* tile, int64_t blocks,
-               Acc& acc) {
-  constexpr int G = M == 1 ? 4 : M <= 3 ? 2 : 1;  // registers: 3 * M * G <= 24
-  for (int64_t g0 = 0; g0 < kTileGroups; g0 += G) tile_rows<F, M, G>(xq, K, tile, blocks, g0, acc);
+// Rows [0, M) against one tile; acc[m][g] gets group g's 16 outputs for row m. As in block_linear.cpp,
+// the tile is read in its stream order (all 4 groups of block b before block b + 1), G groups at a time,
+// and each output sees the same operations in the same order for every M and G.
+template <Format F, int M, int G>
+void tile_pass(const RowsView& xq, int64_t K, const uint8_t* tile, int64_t blocks, Acc& acc) {
+  if constexpr (M >= 6) {
+    for (int64_t g0 = 0; g0 < kTileGroups; g0 += G) tile_rows<F, M, G>(xq, K, tile, blocks, g0, acc);
+    return;
+  }
+  using S = Spec<F>;
+  constexpr int64_t kAhead = 4 * kTileGroups * S::kBytes;  // prefetch distance: 4 blocks
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 total[M][kTileGroups];  // local, not acc: stores through acc might alias the rows for the compiler
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < kTileGroups; ++g) total[m][g] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = tile + b * kTileGroups * S::kBytes;
+#pragma GCC unroll 4
+    for (int g0 = 0; g0 < kTileGroups; g0 += G) {
+      __m512i part[M][G], part2[M][G];  // two chains per output: integer sums, so their split is exact
+      for (int m = 0; m < M; ++m)
+        for (int g = 0; g < G; ++g) part[m][g] = part2[m][g] = _mm512_setzero_si512();
+      for (int i = 0; i < S::kLoads; ++i) {
+        for (int g = 0; g < G; ++g) {
+          const uint8_t* q = block + (g0 + g) * S::kBytes + i * 64;
+          _mm_prefetch(reinterpret_cast<const char*>(q) + kAhead, _MM_HINT_T0);
+          const __m512i w = _mm512_loadu_si512(q);
+          if constexpr (F == Format::kQ4_1) {
+            const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            for (int m = 0; m < M; ++m) {
+              const int8_t* xb = xq.q + m * K + b * kBlock + 8 * i;
+              part[m][g] = _mm512_dpbusd_epi32(part[m][g], lo, broadcast4(xb));
+              part2[m][g] = _mm512_dpbusd_epi32(part2[m][g], hi, broadcast4(xb + 4));
+            }
+          } else {
+            for (int m = 0; m < M; ++m) {
+              const int8_t* xb = xq.q + m * K + b * kBlock + 4 * i;
+              if (i % 2 == 0)
+                part[m][g] = _mm512_dpbusd_epi32(part[m][g], w, broadcast4(xb));
+              else
+                part2[m][g] = _mm512_dpbusd_epi32(part2[m][g], w, broadcast4(xb));
+            }
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* scales = block + (g0 + g) * S::kBytes + S::kLoads * 64;
+        _mm_prefetch(reinterpret_cast<const char*>(scales) + kAhead, _MM_HINT_T0);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
+        if constexpr (F == Format::kQ4_1) {
+          const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
+          for (int m = 0; m < M; ++m) {
+            const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(part[m][g], part2[m][g])), d);
+            total[m][g0 + g] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xq.scale[m * blocks + b]), total[m][g0 + g]);
+            total[m][g0 + g] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xq.sum[m * blocks + b]), total[m][g0 + g]);
+          }
+        } else {
+          for (int m = 0; m < M; ++m) {
+            const __m512i shift = _mm512_set1_epi32(xq.shift[m * blocks + b]);
+            const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(part[m][g], part2[m][g]), shift);
+            const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), d);
+            total[m][g0 + g] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xq.scale[m * blocks + b]), total[m][g0 + g]);
+          }
+        }
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < kTileGroups; ++g) acc[m][g] = total[m][g];
 }
+
+// Groups at a time per row count (2 * M * G integer partial sums in registers); only the schedule.
+constexpr int groups_for(int rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 1; }
 
 template <Format F>
 using TilePass = void (*)(const RowsView&, int64_t, const uint8_t*, int64_t, Acc&);
 
 template <Format F>
-constexpr TilePass<F> kTilePass[kMaxPassRows] = {tile_pass<F, 1>, tile_pass<F, 2>, tile_pass<F, 3>, tile_pass<F, 4>,
-                                                 tile_pass<F, 5>, tile_pass<F, 6>, tile_pass<F, 7>, tile_pass<F, 8>};
+constexpr TilePass<F> kTilePass[kMaxPassRows] = {
+    tile_pass<F, 1, groups_for(1)>, tile_pass<F, 2, groups_for(2)>, tile_pass<F, 3, groups_for(3)>,
+    tile_pass<F, 4, groups_for(4)>, tile_pass<F, 5, groups_for(5)>, tile_pass<F, 6, groups_for(6)>,
+    tile_pass<F, 7, groups_for(7)>, tile_pass<F, 8, groups_for(8)>};
 
 template <Format F>
 at::Tensor int8_block_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, const char* name) {

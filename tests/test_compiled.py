@@ -71,6 +71,33 @@ def test_compiled_matches_eager(compiled_model):
             assert (got_kv[:, :, :, written].float() - want_kv[:, :, :, written].float()).abs().max() < tol
 
 
+def test_libraries_are_called_with_flat_tensors_and_give_the_packages_outputs(compiled_model, tmp_path):
+    """flat_call skips the package's per-call pytree work; it must be taken here, and agree with it."""
+    model, cache_dir = compiled_model
+    path = next(cache_dir.glob("*-t1-*.pt2"))
+    package = torch._inductor.aoti_load_package(str(path))
+    fast = compiled_mod.flat_call(package, inputs=8)
+    assert fast is not package
+    assert compiled_mod.flat_call(package, inputs=7) is package  # another input spec: the package's own call
+    cache = model.new_cache(1, 64)
+    model(torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3)), cache)
+    cache.lengths[:] = 40
+    captured = []
+    real = model.compiled._runners[1, torch.get_num_threads()]
+    model.compiled._runners[1, torch.get_num_threads()] = lambda *args: captured.append(args) or real(*args)
+    try:
+        model(torch.tensor([[5]]), cache)
+    finally:
+        model.compiled._runners[1, torch.get_num_threads()] = real
+    (args,) = captured
+    if model.compiled.shared_weights:
+        package.load_constants(model.compiled._constants(package.get_constant_fqns()), check_full_update=True,
+                               user_managed=True)
+    # the same library run twice on the same inputs writes the same cache slot: outputs must match
+    for got, want in zip(fast(*args), package(*args)):
+        assert torch.equal(got, want)
+
+
 def test_greedy_sd_equals_ar_on_compiled_step(compiled_model):
     model, _ = compiled_model
     draft = perturbed(_model(torch.float64), 1, 0.05).to(model.dtype)

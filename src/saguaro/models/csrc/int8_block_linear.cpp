@@ -117,139 +117,94 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// Rows [0, M) against groups [g0, g0 + G) of one tile, a sweep over its blocks per call; acc[m][g] gets
-// their 16 outputs each. Passes of 6 or more rows run this way (measured faster there, the running
-// totals staying in registers); their operations per output are those of tile_pass below.
-template <Format F, int M, int G>
-inline void tile_rows(const RowsView& xq, int64_t K, const uint8_t* tile, int64_t blocks, int64_t g0,
-                      Acc& acc) {
-  using S = Spec<F>;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 total[M][G];
-  for (int m = 0; m < M; ++m)
-    for (int g = 0; g < G; ++g) total[m][g] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = tile + (b * kTileGroups + g0) * S::kBytes;
-    _mm_prefetch(reinterpret_cast<const char*>(block) + 2 * kTileGroups * S::kBytes, _MM_HINT_T0);
-    __m512i part[M][G], part2[M][G];  // two chains per output: integer sums, so their split is exact
-    for (int m = 0; m < M; ++m)
-      for (int g = 0; g < G; ++g) part[m][g] = part2[m][g] = _mm512_setzero_si512();
-    for (int i = 0; i < S::kLoads; ++i) {
-      for (int g = 0; g < G; ++g) {
-        const uint8_t* q = block + g * S::kBytes + i * 64;
-        _mm_prefetch(reinterpret_cast<const char*>(q) + 4 * kTileGroups * S::kBytes, _MM_HINT_T0);
-        const __m512i w = _mm512_loadu_si512(q);
-        if constexpr (F == Format::kQ4_1) {
-          const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-          for (int m = 0; m < M; ++m) {
-            const int8_t* xb = xq.q + m * K + b * kBlock + 8 * i;
-            part[m][g] = _mm512_dpbusd_epi32(part[m][g], lo, broadcast4(xb));
-            part2[m][g] = _mm512_dpbusd_epi32(part2[m][g], hi, broadcast4(xb + 4));
-          }
-        } else {
-          for (int m = 0; m < M; ++m) {
-            const int8_t* xb = xq.q + m * K + b * kBlock + 4 * i;
-            if (i % 2 == 0)
-              part[m][g] = _mm512_dpbusd_epi32(part[m][g], w, broadcast4(xb));
-            else
-              part2[m][g] = _mm512_dpbusd_epi32(part2[m][g], w, broadcast4(xb));
-          }
-        }
-      }
-    }
-    for (int g = 0; g < G; ++g) {
-      const uint8_t* scales = block + g * S::kBytes + S::kLoads * 64;
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
-      if constexpr (F == Format::kQ4_1) {
-        const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
-        for (int m = 0; m < M; ++m) {
-          const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(part[m][g], part2[m][g])), d);
-          total[m][g] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xq.scale[m * blocks + b]), total[m][g]);
-          total[m][g] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xq.sum[m * blocks + b]), total[m][g]);
-        }
-      } else {
-        for (int m = 0; m < M; ++m) {
-          const __m512i shift = _mm512_set1_epi32(xq.shift[m * blocks + b]);
-          const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(part[m][g], part2[m][g]), shift);
-          const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), d);
-          total[m][g] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xq.scale[m * blocks + b]), total[m][g]);
-        }
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    for (int g = 0; g < G; ++g) acc[m][g0 + g] = total[m][g];
-}
-
-// Rows [0, M) against one tile; acc[m][g] gets group g's 16 outputs for row m. As in block_linear.cpp,
-// the tile is read in its stream order (all 4 groups of block b before block b + 1), G groups at a time,
-// and each output sees the same operations in the same order for every M and G.
-template <Format F, int M, int G>
-void tile_pass(const RowsView& xq, int64_t K, const uint8_t* tile, int64_t blocks, Acc& acc) {
-  if constexpr (M >= 6) {
-    for (int64_t g0 = 0; g0 < kTileGroups; g0 += G) tile_rows<F, M, G>(xq, K, tile, blocks, g0, acc);
-    return;
-  }
+// Block b of G consecutive groups (the first at `groups`) against rows [0, M): adds each output's block
+// term to total[m][t0 + g]. Two integer chains per output (their split is exact), then the float steps
+// in a fixed order, so an output's operations do not depend on M, G or which loop calls this.
+template <Format F, int M, int G, int TG>
+inline void block_terms(const RowsView& xq, int64_t K, const uint8_t* groups, int64_t b, int64_t blocks, int t0,
+                        __m512 (&total)[M][TG]) {
   using S = Spec<F>;
   constexpr int64_t kAhead = 4 * kTileGroups * S::kBytes;  // prefetch distance: 4 blocks
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 total[M][kTileGroups];  // local, not acc: stores through acc might alias the rows for the compiler
+  __m512i part[M][G], part2[M][G];
   for (int m = 0; m < M; ++m)
-    for (int g = 0; g < kTileGroups; ++g) total[m][g] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = tile + b * kTileGroups * S::kBytes;
-#pragma GCC unroll 4
-    for (int g0 = 0; g0 < kTileGroups; g0 += G) {
-      __m512i part[M][G], part2[M][G];  // two chains per output: integer sums, so their split is exact
-      for (int m = 0; m < M; ++m)
-        for (int g = 0; g < G; ++g) part[m][g] = part2[m][g] = _mm512_setzero_si512();
-      for (int i = 0; i < S::kLoads; ++i) {
-        for (int g = 0; g < G; ++g) {
-          const uint8_t* q = block + (g0 + g) * S::kBytes + i * 64;
-          _mm_prefetch(reinterpret_cast<const char*>(q) + kAhead, _MM_HINT_T0);
-          const __m512i w = _mm512_loadu_si512(q);
-          if constexpr (F == Format::kQ4_1) {
-            const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-            for (int m = 0; m < M; ++m) {
-              const int8_t* xb = xq.q + m * K + b * kBlock + 8 * i;
-              part[m][g] = _mm512_dpbusd_epi32(part[m][g], lo, broadcast4(xb));
-              part2[m][g] = _mm512_dpbusd_epi32(part2[m][g], hi, broadcast4(xb + 4));
-            }
-          } else {
-            for (int m = 0; m < M; ++m) {
-              const int8_t* xb = xq.q + m * K + b * kBlock + 4 * i;
-              if (i % 2 == 0)
-                part[m][g] = _mm512_dpbusd_epi32(part[m][g], w, broadcast4(xb));
-              else
-                part2[m][g] = _mm512_dpbusd_epi32(part2[m][g], w, broadcast4(xb));
-            }
-          }
+    for (int g = 0; g < G; ++g) part[m][g] = part2[m][g] = _mm512_setzero_si512();
+  for (int i = 0; i < S::kLoads; ++i) {
+    for (int g = 0; g < G; ++g) {
+      const uint8_t* q = groups + g * S::kBytes + i * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(q) + kAhead, _MM_HINT_T0);
+      const __m512i w = _mm512_loadu_si512(q);
+      if constexpr (F == Format::kQ4_1) {
+        const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xb = xq.q + m * K + b * kBlock + 8 * i;
+          part[m][g] = _mm512_dpbusd_epi32(part[m][g], lo, broadcast4(xb));
+          part2[m][g] = _mm512_dpbusd_epi32(part2[m][g], hi, broadcast4(xb + 4));
         }
-      }
-      for (int g = 0; g < G; ++g) {
-        const uint8_t* scales = block + (g0 + g) * S::kBytes + S::kLoads * 64;
-        _mm_prefetch(reinterpret_cast<const char*>(scales) + kAhead, _MM_HINT_T0);
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
-        if constexpr (F == Format::kQ4_1) {
-          const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
-          for (int m = 0; m < M; ++m) {
-            const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(part[m][g], part2[m][g])), d);
-            total[m][g0 + g] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xq.scale[m * blocks + b]), total[m][g0 + g]);
-            total[m][g0 + g] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xq.sum[m * blocks + b]), total[m][g0 + g]);
-          }
-        } else {
-          for (int m = 0; m < M; ++m) {
-            const __m512i shift = _mm512_set1_epi32(xq.shift[m * blocks + b]);
-            const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(part[m][g], part2[m][g]), shift);
-            const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), d);
-            total[m][g0 + g] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xq.scale[m * blocks + b]), total[m][g0 + g]);
-          }
+      } else {
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xb = xq.q + m * K + b * kBlock + 4 * i;
+          if (i % 2 == 0)
+            part[m][g] = _mm512_dpbusd_epi32(part[m][g], w, broadcast4(xb));
+          else
+            part2[m][g] = _mm512_dpbusd_epi32(part2[m][g], w, broadcast4(xb));
         }
       }
     }
   }
-  for (int m = 0; m < M; ++m)
-    for (int g = 0; g < kTileGroups; ++g) acc[m][g] = total[m][g];
+  for (int g = 0; g < G; ++g) {
+    const uint8_t* scales = groups + g * S::kBytes + S::kLoads * 64;
+    _mm_prefetch(reinterpret_cast<const char*>(scales) + kAhead, _MM_HINT_T0);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
+    __m512* out[M];
+    for (int m = 0; m < M; ++m) out[m] = &total[m][t0 + g];
+    if constexpr (F == Format::kQ4_1) {
+      const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
+      for (int m = 0; m < M; ++m) {
+        const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(part[m][g], part2[m][g])), d);
+        *out[m] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xq.scale[m * blocks + b]), *out[m]);
+        *out[m] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xq.sum[m * blocks + b]), *out[m]);
+      }
+    } else {
+      for (int m = 0; m < M; ++m) {
+        const __m512i shift = _mm512_set1_epi32(xq.shift[m * blocks + b]);
+        const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(part[m][g], part2[m][g]), shift);
+        const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), d);
+        *out[m] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xq.scale[m * blocks + b]), *out[m]);
+      }
+    }
+  }
+}
+
+// Rows [0, M) against one tile; acc[m][g] gets group g's 16 outputs for row m. Up to 5 rows, as in
+// block_linear.cpp, the tile is read in its stream order (all 4 groups of block b before block b + 1),
+// G groups at a time; from 6 rows, G groups are swept over all blocks at a time (measured faster there,
+// the running totals staying in registers). An output's operations are the same either way.
+template <Format F, int M, int G>
+void tile_pass(const RowsView& xq, int64_t K, const uint8_t* tile, int64_t blocks, Acc& acc) {
+  using S = Spec<F>;
+  if constexpr (M >= 6) {
+    for (int g0 = 0; g0 < kTileGroups; g0 += G) {
+      __m512 total[M][G];
+      for (int m = 0; m < M; ++m)
+        for (int g = 0; g < G; ++g) total[m][g] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b)
+        block_terms<F, M, G, G>(xq, K, tile + (b * kTileGroups + g0) * S::kBytes, b, blocks, 0, total);
+      for (int m = 0; m < M; ++m)
+        for (int g = 0; g < G; ++g) acc[m][g0 + g] = total[m][g];
+    }
+  } else {
+    __m512 total[M][kTileGroups];  // local, not acc: stores through acc might alias the rows for the compiler
+    for (int m = 0; m < M; ++m)
+      for (int g = 0; g < kTileGroups; ++g) total[m][g] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+#pragma GCC unroll 4
+      for (int g0 = 0; g0 < kTileGroups; g0 += G)
+        block_terms<F, M, G, kTileGroups>(xq, K, tile + (b * kTileGroups + g0) * S::kBytes, b, blocks, g0, total);
+    }
+    for (int m = 0; m < M; ++m)
+      for (int g = 0; g < kTileGroups; ++g) acc[m][g] = total[m][g];
+  }
 }
 
 // Groups at a time per row count (2 * M * G integer partial sums in registers); only the schedule.

@@ -71,7 +71,7 @@ def test_compiled_matches_eager(compiled_model):
             assert (got_kv[:, :, :, written].float() - want_kv[:, :, :, written].float()).abs().max() < tol
 
 
-def test_libraries_are_called_with_flat_tensors_and_give_the_packages_outputs(compiled_model, tmp_path):
+def test_libraries_are_called_with_flat_tensors_and_give_the_packages_outputs(compiled_model):
     """flat_call skips the package's per-call pytree work; it must be taken here, and agree with it."""
     model, cache_dir = compiled_model
     path = next(cache_dir.glob("*-t1-*.pt2"))

@@ -184,7 +184,7 @@ inline void transpose16(__m512i (&r)[16]) {
 // of key j): per row, two VDPBF16PS chains over the even and the odd pairs, added. The same operations
 // for every row whatever rows come with it.
 template <int P, int RG>
-inline void chunk_scores(const int32_t* const* qpairs, const __m512i* kt, __m512 (&dots)[RG]) {
+void chunk_scores(const int32_t* const* qpairs, const __m512i* kt, __m512* dots) {
   __m512 even[RG], odd[RG];
   for (int r = 0; r < RG; ++r) even[r] = odd[r] = _mm512_setzero_ps();
   for (int p = 0; p < P; p += 2) {
@@ -197,11 +197,20 @@ inline void chunk_scores(const int32_t* const* qpairs, const __m512i* kt, __m512
   for (int r = 0; r < RG; ++r) dots[r] = _mm512_add_ps(even[r], odd[r]);
 }
 
+constexpr int kScoreRows = 4;  // rows scored together: 2 * kScoreRows chains cover VDPBF16PS's latency
+
+template <int P>
+using ChunkScores = void (*)(const int32_t* const*, const __m512i*, __m512*);
+
+template <int P>
+constexpr ChunkScores<P> kChunkScores[kScoreRows] = {chunk_scores<P, 1>, chunk_scores<P, 2>, chunk_scores<P, 3>,
+                                                     chunk_scores<P, 4>};
+
 // Values of keys [0, S) weighted by RG rows' exponentiated scores, in key index order; a row adds only
 // the keys it sees (a masked FMA leaves the others out exactly), and keys no row of the group sees are
 // never read.
 template <int NV, int RG>
-inline void weigh_values(const at::BFloat16* values, int64_t S, const __mmask16* const* seen, const float* const* p,
+void weigh_values(const at::BFloat16* values, int64_t S, const __mmask16* const* seen, const float* const* p,
                          const float* inv, at::BFloat16* const* out) {
   constexpr int64_t D = NV * 16;
   __m512 acc[RG][NV];
@@ -224,6 +233,18 @@ inline void weigh_values(const at::BFloat16* values, int64_t S, const __mmask16*
   for (int r = 0; r < RG; ++r)
     for (int i = 0; i < NV; ++i) store16(out[r] + 16 * i, _mm512_mul_ps(acc[r][i], _mm512_set1_ps(inv[r])));
 }
+
+// Rows weighed together: NV * rows accumulators in registers.
+template <int NV>
+constexpr int kValueRows = NV == 4 ? 4 : 3;
+
+template <int NV>
+using WeighValues = void (*)(const at::BFloat16*, int64_t, const __mmask16* const*, const float* const*,
+                             const float*, at::BFloat16* const*);
+
+template <int NV>  // by row count - 1; entries past kValueRows<NV> are never called
+constexpr WeighValues<NV> kWeighValues[4] = {weigh_values<NV, 1>, weigh_values<NV, 2>, weigh_values<NV, 3>,
+                                             weigh_values<NV, std::min(4, kValueRows<NV>)>};
 
 constexpr int kBf16Rows = 8;  // query rows per task: each chunk of keys is transposed once for them all
 
@@ -264,13 +285,10 @@ void attend_rows_bf16(int R, const at::BFloat16* const* q, const at::BFloat16* k
       transpose16(rows);
       for (int p = 0; p < 16; ++p) kt[16 * h + p] = rows[p];
     }
-    for (int r0 = 0; r0 < R; r0 += 4) {
-      const int rg = std::min(4, R - r0);
-      __m512 dots[4];
-      if (rg == 4) chunk_scores<P, 4>(qpairs + r0, kt, reinterpret_cast<__m512(&)[4]>(dots));
-      else if (rg == 3) chunk_scores<P, 3>(qpairs + r0, kt, reinterpret_cast<__m512(&)[3]>(dots));
-      else if (rg == 2) chunk_scores<P, 2>(qpairs + r0, kt, reinterpret_cast<__m512(&)[2]>(dots));
-      else chunk_scores<P, 1>(qpairs + r0, kt, reinterpret_cast<__m512(&)[1]>(dots));
+    for (int r0 = 0; r0 < R; r0 += kScoreRows) {
+      const int rg = std::min(kScoreRows, R - r0);
+      __m512 dots[kScoreRows];
+      kChunkScores<P>[rg - 1](qpairs + r0, kt, dots);
       for (int r = r0; r < r0 + rg; ++r) {
         const __m512 chunk = _mm512_mask_blend_ps(seen[r][c], none, _mm512_mul_ps(dots[r - r0], scales));
         _mm512_mask_storeu_ps(scores[r] + s0, live, chunk);
@@ -280,14 +298,9 @@ void attend_rows_bf16(int R, const at::BFloat16* const* q, const at::BFloat16* k
   }
   float inv[kBf16Rows];
   for (int r = 0; r < R; ++r) inv[r] = exponentiate(scores[r], S, _mm512_reduce_max_ps(tops[r]));
-  constexpr int kGroup = NV == 4 ? 4 : 3;  // rows per pass over the values: NV * kGroup accumulators
-  for (int r0 = 0; r0 < R; r0 += kGroup) {
-    const int rg = std::min(kGroup, R - r0);
-    const float* const* p = scores + r0;
-    if (rg == kGroup) weigh_values<NV, kGroup>(values, S, seen + r0, p, inv + r0, out + r0);
-    else if (rg == 3) weigh_values<NV, std::min(3, kGroup)>(values, S, seen + r0, p, inv + r0, out + r0);
-    else if (rg == 2) weigh_values<NV, std::min(2, kGroup)>(values, S, seen + r0, p, inv + r0, out + r0);
-    else weigh_values<NV, 1>(values, S, seen + r0, p, inv + r0, out + r0);
+  for (int r0 = 0; r0 < R; r0 += kValueRows<NV>) {
+    const int rg = std::min(kValueRows<NV>, R - r0);
+    kWeighValues<NV>[rg - 1](values, S, seen + r0, scores + r0, inv + r0, out + r0);
   }
 }
 

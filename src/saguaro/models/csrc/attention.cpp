@@ -304,6 +304,10 @@ void attend_rows_bf16(int R, const at::BFloat16* const* q, const at::BFloat16* k
   }
 }
 
+// x [B, H, T, D] with unit stride over D (any other strides: a verification's q, k and v are views of
+// [B, T, H, D] projections), or a contiguous copy of it.
+at::Tensor unit_inner_stride(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
+
 // cache [B, Hk, C, D] at row b, slot slots[b, t] <- x [B, Hk, T, D] at t (a copy per head: no dispatch)
 void write_slots(const at::Tensor& x, at::Tensor& cache, const at::Tensor& slots) {
   TORCH_CHECK(x.scalar_type() == cache.scalar_type() && slots.scalar_type() == at::kLong,
@@ -311,15 +315,17 @@ void write_slots(const at::Tensor& x, at::Tensor& cache, const at::Tensor& slots
   const int64_t B = x.size(0), Hk = x.size(1), T = x.size(2), D = x.size(3), C = cache.size(2);
   const at::Tensor where = slots.contiguous();
   const int64_t* sp = where.const_data_ptr<int64_t>();
-  const auto* src = static_cast<const char*>(x.const_data_ptr());
+  const at::Tensor from = unit_inner_stride(x);
+  const auto* src = static_cast<const char*>(from.const_data_ptr());
   auto* dst = static_cast<char*>(cache.mutable_data_ptr());
-  const int64_t row = D * x.element_size();
+  const int64_t size = x.element_size(), row = D * size;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
       const int64_t slot = sp[b * T + t];
       TORCH_CHECK(slot >= 0 && slot < C, "saguaro_cpu::cached_attention: slot ", slot, " outside the cache");
       for (int64_t h = 0; h < Hk; ++h)
-        std::memcpy(dst + ((b * Hk + h) * C + slot) * row, src + ((b * Hk + h) * T + t) * row, row);
+        std::memcpy(dst + ((b * Hk + h) * C + slot) * row,
+                    src + (b * from.stride(0) + h * from.stride(1) + t * from.stride(2)) * size, row);
     }
 }
 
@@ -344,7 +350,8 @@ void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
   const int64_t Hk = kc.size(1), C = kc.size(2), S = mask.size(-1), group = H / Hk;
   const int64_t rows = group * Tq, chunks = (rows + kChunk - 1) / kChunk;  // rows of one kv head: (head, t)
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const T* qp = q.const_data_ptr<T>();
+  const T* qp = q.const_data_ptr<T>();  // any strides but the last
+  const int64_t qb = q.stride(0), qh = q.stride(1), qt = q.stride(2);
   const T* kp = kc.const_data_ptr<T>();
   const T* vp = vc.const_data_ptr<T>();
   const bool* mp = mask.const_data_ptr<bool>();
@@ -362,7 +369,7 @@ void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
       for (int64_t r = 0; r < count; ++r) {
         const int64_t h = hk * group + (r0 + r) / Tq, t = (r0 + r) % Tq;
         const int64_t row = (b * H + h) * Tq + t;
-        qrows[r] = qp + row * D;
+        qrows[r] = qp + b * qb + h * qh + t * qt;
         allowed[r] = mp + (b * Tq + t) * S;
         score_rows[r] = scores.data() + r * S;
         out_rows[r] = op + row * D;
@@ -396,11 +403,11 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && mask.scalar_type() == at::kBool,
               "saguaro_cpu::cached_attention: contiguous caches and a bool mask");
   at::Tensor kc = k_cache.select(0, layer), vc = v_cache.select(0, layer);
-  write_slots(k.contiguous(), kc, slots);
-  write_slots(v.contiguous(), vc, slots);
-  const at::Tensor qc = q.contiguous(), mc = mask.expand({q.size(0), 1, q.size(2), mask.size(-1)}).contiguous();
+  write_slots(k, kc, slots);
+  write_slots(v, vc, slots);
+  const at::Tensor qc = unit_inner_stride(q), mc = mask.expand({q.size(0), 1, q.size(2), mask.size(-1)}).contiguous();
   TORCH_CHECK(mc.size(-1) <= kc.size(2), "saguaro_cpu::cached_attention: the mask spans past the cache");
-  at::Tensor out = at::empty_like(qc);
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, as the op's fake promises
   if (q.scalar_type() == at::kBFloat16) run<at::BFloat16>(qc, kc, vc, mc, out);
   else if (q.scalar_type() == at::kFloat) run<float>(qc, kc, vc, mc, out);
   else TORCH_CHECK(false, "saguaro_cpu::cached_attention takes float32 or bfloat16");

@@ -137,26 +137,49 @@ def forward_section(results: Path) -> list[str]:
 
 
 def verification_section(results: Path) -> list[str]:
-    """Compiled forward of 1..5 tokens at two commits, runs alternating (benchmarks/ab_forward.sh)."""
-    lines = []
-    for path in sorted(results.glob("forward_ab_*t.jsonl")):
-        runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if not runs:
-            continue
-        tokens = sorted(int(k.split("_")[1]) for k in runs[0] if k.startswith("compiled_"))
-        if not lines:
-            lines = ["## Verification: T tokens per call against one", "",
-                     "`benchmarks/ab_forward.sh REV THREADS ROUNDS`: the compiled default forward (bfloat16 over the "
-                     "GGUF's blocks), KV of 300 tokens, at two commits, runs alternating; each cell is the median "
-                     "over runs of each run's median ms, and in brackets its ratio to one token.", "",
-                     "| threads | commit | runs | " + " | ".join(f"{t} token{'s' * (t > 1)}" for t in tokens) + " |",
-                     "| --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |"]
+    """Compiled forward of 1..5 tokens at two commits, runs alternating (benchmarks/ab_forward.sh, or
+    benchmarks/ab_run.sh over forward_paths.py for some token counts: the others show as -)."""
+    files = [[json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+             for path in sorted(results.glob("forward_ab_*t.jsonl"))]
+    files = [runs for runs in files if runs]
+    if not files:
+        return []
+    tokens = sorted({int(k.split("_")[1]) for runs in files for r in runs for k in r if k.startswith("compiled_")})
+    lines = ["## Verification: T tokens per call against one", "",
+             "`benchmarks/ab_forward.sh REV THREADS ROUNDS`: the compiled default forward (bfloat16 over the "
+             "GGUF's blocks), KV of 300 tokens, at two commits, runs alternating; each cell is the median "
+             "over runs of each run's median ms, and in brackets its ratio to one token.", "",
+             "| threads | commit | runs | " + " | ".join(f"{t} token{'s' * (t > 1)}" for t in tokens) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |"]
+    for runs in files:
         for commit in dict.fromkeys(r["commit"] for r in runs):
             mine = [r for r in runs if r["commit"] == commit]
-            ms = {t: statistics.median(r[f"compiled_{t}_ms"] for r in mine) for t in tokens}
-            lines.append(f"| {mine[0]['threads']} | {commit} | {len(mine)} | "
-                         + " | ".join(f"{ms[t]:.2f} ({ms[t] / ms[tokens[0]]:.2f})" for t in tokens) + " |")
-    return lines + [""] if lines else []
+            ms = {t: statistics.median(r[f"compiled_{t}_ms"] for r in mine) for t in tokens
+                  if f"compiled_{t}_ms" in mine[0]}
+            lines.append(f"| {mine[0]['threads']} | {commit} | {len(mine)} | " + " | ".join(
+                f"{ms[t]:.2f} ({ms[t] / ms[tokens[0]]:.2f})" if t in ms else "-" for t in tokens) + " |")
+    return lines + [""]
+
+
+def draft_after_target_section(results: Path) -> list[str]:
+    """SD's draft step right after a target step and back to back, at two commits (ab_run.sh)."""
+    runs = [json.loads(line) for path in sorted(results.glob("draft_after_target_*t.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
+    if not runs:
+        return []
+    lines = ["## The draft step after a target step", "",
+             "`benchmarks/ab_run.sh REV ROUNDS benchmarks/draft_after_target.py --threads N`: on the embedded pair "
+             "as `--mode sd` loads it, a target step (1 and 5 tokens in turn, KV 300) then two draft steps; the "
+             "first pays for what the target's sweep evicted, the second runs back to back. Medians over runs "
+             "of each run's median ms.", "",
+             "| threads | commit | runs | target step | draft step after it | draft step after a draft step |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key in dict.fromkeys((r["threads"], r["commit"]) for r in runs):
+        mine = [r for r in runs if (r["threads"], r["commit"]) == key]
+        cells = [statistics.median(r[k] for r in mine)
+                 for k in ("target_ms", "draft_after_target_ms", "draft_after_draft_ms")]
+        lines.append(f"| {key[0]} | {key[1]} | {len(mine)} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return lines + [""]
 
 
 def main() -> None:
@@ -170,7 +193,8 @@ def main() -> None:
              "may be re-run alone with the command it shows (git log docs/results/ says when). "
              f"CPU: {cpu_line(results)}.",
              "Absolute numbers move ~10% between runs on this VM; read the ratios within a row.", ""]
-    lines += serve_section(results) + auto_section(results) + draft_length_section(results) + verification_section(results)
+    lines += serve_section(results) + auto_section(results) + draft_length_section(results)
+    lines += verification_section(results) + draft_after_target_section(results)
     lines += forward_section(results)
     Path(args.out).write_text("\n".join(lines))
 

@@ -33,7 +33,7 @@ from saguaro.llm import auto_mode
 from saguaro.prompts import load_prompts
 from saguaro.sampling import SamplingParams
 from saguaro.speculators.draft import is_feature_checkpoint
-from saguaro.ssd.options import AUTO_MIN_CONFIDENCE
+from saguaro.ssd.options import AUTO_MIN_CONFIDENCE, PROMPT_LOOKUP_MIN_MATCH
 
 log = logging.getLogger("ssd_vs_sd")
 
@@ -93,6 +93,9 @@ def main() -> None:
                                     "runs the SD modes and auto (SD or AR), not SSD")
     ap.add_argument("--weights", default="auto", choices=["auto", "file", "file-int8", "dense"],
                     help="what the target's linears multiply by (saguaro --weights)")
+    ap.add_argument("--lookup-min-match", type=int, default=PROMPT_LOOKUP_MIN_MATCH,
+                    help="greedy rows repeating their last N tokens take prompt lookup's continuation, in SD and "
+                         "SSD alike (0: never)")
     ap.add_argument("--json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -107,23 +110,25 @@ def main() -> None:
     if feature and {"ssd", "ssd-no-lookup"} & set(wanted):
         raise SystemExit("SSD does not run a feature-conditioned draft yet: leave ssd and ssd-no-lookup out of --modes")
     ssd = None
+    lookup = {"prompt_lookup_min_match": args.lookup_min_match}
     if {"ssd", "ssd-no-lookup"} & set(wanted):
-        ssd = llm.make_engine("ssd", args.draft, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:])
+        ssd = llm.make_engine("ssd", args.draft, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:],
+                              **lookup)
         if ssd.degraded:
             raise SystemExit(f"draft worker did not start: {ssd.degraded}")
-    sd = llm.make_engine("sd", args.draft, args.k)
+    sd = llm.make_engine("sd", args.draft, args.k, **lookup)
     place(cores)  # the auto engine takes every core in its AR rounds: it must see them all when made
     if llm.target.compiled is not None:  # sd-2core verifies (and drafts) on every core: those steps as well
         llm.target.compiled.ensure(args.k + 1)
         draft_steps = getattr(getattr(sd.speculator, "draft", None), "compiled", None)
         if draft_steps is not None:
             draft_steps.ensure(1)
-    sd_stop = llm.make_engine("sd", args.draft, args.k, min_confidence=args.min_confidence)
+    sd_stop = llm.make_engine("sd", args.draft, args.k, min_confidence=args.min_confidence, **lookup)
     if auto_mode(True, "cpu", gpus=0) == "sd" or feature:  # what LLM(mode="auto") runs here
-        auto = llm.make_engine("sd", args.draft, args.k, auto=True)
+        auto = llm.make_engine("sd", args.draft, args.k, auto=True, **lookup)
     else:
         auto = llm.make_engine("ssd", args.draft, args.k, fanout_budget=args.fanout_budget, draft_cores=cores[-1:],
-                               auto=True)
+                               auto=True, **lookup)
     modes = {  # runner, cores it runs on
         "ar": (EngineRunner(llm.engine), cores),
         "sd-1core": (EngineRunner(sd), cores[:1]),

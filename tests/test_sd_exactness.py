@@ -247,3 +247,53 @@ def test_negative_control_stopping_on_the_drawn_token_fails():
     spec.peek = 0.5
     samples = sd_samples(target, spec, prompt, 1.0, k=3)
     assert chi2_pvalue(samples, exact_joint(target, prompt, 1.0)) < 0.01
+
+
+# --------------------------------------------------------------------------- prompt lookup ahead of the draft
+
+class FreshDraftCheck(NeuralSpeculator):
+    """Checks each drafted round against a draft that reads the whole sequence afresh: the draft's cache
+    must stay in step with the sequence across the rounds prompt lookup proposed for (it skips them)."""
+
+    def propose(self, seqs, k):
+        proposal = super().propose(seqs, k)
+        if not proposal.from_lookup:
+            for row, s in enumerate(seqs):
+                ids = list(s.all_ids)
+                n = proposal.tokens.shape[1] if proposal.lengths is None else int(proposal.lengths[row])
+                for j in range(n):
+                    logits = self.draft(torch.tensor([ids]), self.draft.new_cache(1, len(ids) + 1))[0, -1]
+                    assert int(logits.argmax()) == int(proposal.tokens[row, j])
+                    ids.append(int(proposal.tokens[row, j]))
+        return proposal
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_sd_with_prompt_lookup_ahead_of_the_draft_equals_ar(batch):
+    """Greedy rows whose last tokens occurred before take prompt lookup's continuation and the draft
+    skips the round; output is AR's token for token, and the draft's later proposals are what it would
+    propose reading the sequence afresh."""
+    params = SamplingParams(temperature=0, max_tokens=24)
+    lookups = drafted_rounds = 0
+    for seed, k, min_match in itertools.product(range(3), (2, 4), (2, 3)):
+        target = tiny_model(seed, VOCAB)
+        ps = prompts(seed * 10 + k, batch)
+        want, _ = run(AREngine(target, STOP), ps, params)
+        spec = FreshDraftCheck(perturbed(target, seed, 0.05), VOCAB, min_confidence=0.45, lookup_min_match=min_match)
+        got, seqs = run(SDEngine(target, spec, k, STOP), ps, params)
+        assert got == want, (seed, k, min_match)
+        lookups += sum(s.stats.lookup_rounds for s in seqs)
+        drafted_rounds += sum(s.stats.rounds - s.stats.lookup_rounds for s in seqs)
+    assert lookups > 0 and drafted_rounds > 0  # both kinds of round ran
+
+
+def test_sampled_rows_never_take_prompt_lookup():
+    """Lookup proposes deterministically; it is kept to greedy batches, so sampled SD is the path the χ²
+    tests above check."""
+    target, _, prompt = statistical_setup("neural")
+    spec = NeuralSpeculator(tiny_model(12, SMALL_VOCAB, scale=0.6), SMALL_VOCAB, lookup_min_match=1)
+    seqs = [Sequence(list(prompt) * 3, SamplingParams(temperature=1.0, max_tokens=6, seed=i)) for i in range(8)]
+    SDEngine(target, spec, 3, set(), max_batch_size=8).run(seqs)
+    assert sum(s.stats.lookup_rounds for s in seqs) == 0 and sum(s.stats.rounds for s in seqs) > 0
+    with pytest.raises(ValueError, match="lookup_min_match"):
+        NeuralSpeculator(target, SMALL_VOCAB, lookup_min_match=-1)

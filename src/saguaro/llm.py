@@ -181,8 +181,10 @@ class LLM:
             if cores is not None:
                 compiled.ensure(1, cores.all_threads)  # AR rounds under auto
             threads = cores.shared_threads if cores is not None else None
-            shortest = k + 1 if getattr(getattr(engine, "speculator", None), "min_confidence", 0) == 0 else 2
-            for tokens in range(shortest, k + 2):  # a draft that stops early is verified over fewer
+            speculator = getattr(engine, "speculator", None)
+            shorter = getattr(speculator, "min_confidence", 0) or getattr(speculator, "lookup_min_match", 0)
+            shortest = 2 if shorter else k + 1
+            for tokens in range(shortest, k + 2):  # a draft that stops early, or a short lookup: fewer tokens
                 compiled.ensure(tokens, threads)
         return engine
 

@@ -25,7 +25,7 @@ class RoundStats:
     cache_lookups: int = 0
     accepted_on_hit: int = 0  # draft tokens accepted in rounds whose speculation was a cache hit
     accepted_on_miss: int = 0
-    lookup_rounds: int = 0  # SSD: rounds served by prompt lookup ahead of the cache (not cache lookups)
+    lookup_rounds: int = 0  # rounds prompt lookup proposed for (SSD: ahead of its cache; not cache lookups)
     accepted_on_lookup: int = 0
     draft_s: float = 0.0  # time the engine waited for drafts, in rounds this sequence took part in
     verify_s: float = 0.0

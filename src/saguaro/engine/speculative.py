@@ -98,6 +98,9 @@ class SDEngine(RemembersClocks, Engine):
             st.rounds += 1
             st.drafted += n
             st.accepted += a
+            if proposal.from_lookup:
+                st.lookup_rounds += 1
+                st.accepted_on_lookup += a
             st.draft_s += t1 - t0
             st.verify_s += t2 - t1
         self.speculator.commit(accepted_list, states)
@@ -137,12 +140,14 @@ def make_speculative_engine(mode, target, tokenizer, draft, k, stop, max_batch_s
             confidence = ssd.min_confidence if ssd is not None else None
             if confidence is None:
                 confidence = AUTO_MIN_CONFIDENCE if auto else 0.0
-            speculator = NeuralSpeculator(draft_model, target.config.vocab_size, min_confidence=confidence)
+            speculator = NeuralSpeculator(draft_model, target.config.vocab_size, min_confidence=confidence,
+                                          lookup_min_match=ssd.prompt_lookup_min_match if ssd is not None else 0)
         engine = SDEngine(target, speculator, k, stop, max_batch_size,
                           round_rule=MeasuredRounds(speculative="sd", prior=SD_PRIOR) if auto else None)
         if auto:
             remember_auto_clocks(engine, target, target_path, path, k,
-                                 min_confidence=getattr(speculator, "min_confidence", None))
+                                 min_confidence=getattr(speculator, "min_confidence", None),
+                                 lookup_min_match=getattr(speculator, "lookup_min_match", None))
         return engine
     if mode == "ssd":
         if is_feature_checkpoint(path):

@@ -29,6 +29,7 @@ class Proposal:
     tokens: torch.Tensor  # [B, K]
     q: torch.Tensor | None  # [B, K, V] over the target's vocabulary; None = deterministic (one-hot)
     lengths: torch.Tensor | None = None  # [B]: row i proposes tokens[i, :lengths[i]]; None = all K
+    from_lookup: bool = False  # prompt lookup proposed these, not the speculator's model (counted apart)
 
 
 def head_to_vocab(q: torch.Tensor, head_ids: torch.Tensor | None, vocab: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import draft_probs, sample
 from saguaro.speculators.base import Proposal, Row, Speculator, head_to_vocab, right_pad
+from saguaro.speculators.ngram import NgramSpeculator
 
 Draw = Callable[[torch.Tensor, int], tuple[torch.Tensor, "torch.Tensor | None"]]
 
@@ -56,18 +57,26 @@ class NeuralSpeculator(Speculator):
     runs only where it is sure; 0 always drafts K. The rule reads only what the draft knew before
     drawing the token, which keeps verification exact (engine/verify.py).
 
+    lookup_min_match: in a greedy batch where every row's last n >= this many tokens occurred before,
+    the rows propose what followed that occurrence (prompt lookup, as SSD does ahead of its cache) and
+    the draft does not run; 0 never. Greedy verification keeps any proposal exact.
+
     The draft cache's `lengths` count the sequence tokens it holds; after a round of n drafting steps
     it also holds proposals 1..n-1, of which `commit` keeps the accepted ones.
     """
 
-    def __init__(self, draft: CausalLM, target_vocab: int, min_confidence: float = 0.0):
+    def __init__(self, draft: CausalLM, target_vocab: int, min_confidence: float = 0.0, lookup_min_match: int = 0):
         if not 0.0 <= min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        if lookup_min_match < 0:
+            raise ValueError(f"lookup_min_match must be >= 0, got {lookup_min_match}")
         self.draft = draft
         self.target_vocab = target_vocab
         self.min_confidence = min_confidence
+        self.lookup_min_match = lookup_min_match
+        self._lookup = NgramSpeculator()
         self.cache = None
-        self._k = 0
+        self._k = 0  # drafting steps of the last round (0: it was prompt lookup's)
 
     def prefill(self, seqs, ids, lengths, states=None) -> None:
         """New rows join with an empty draft cache: the draft reads a row's prompt in the first round that
@@ -105,7 +114,25 @@ class NeuralSpeculator(Speculator):
         (smaller) head and expand only what the verifier needs."""
         return head_to_vocab(q, self.draft.output_token_ids, self.target_vocab)
 
+    def looked_up(self, seqs: list[Row], k: int) -> Proposal | None:
+        """Prompt lookup's proposal where the whole batch is greedy and every row has a match; else None."""
+        if not self.lookup_min_match or not all(s.params.greedy for s in seqs):
+            return None
+        rows = []
+        for s in seqs:
+            follow = self._lookup.continuation(s.all_ids, k, self.lookup_min_match)
+            if not follow:
+                return None
+            rows.append(follow)
+        width = max(len(r) for r in rows)
+        tokens = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])
+        return Proposal(tokens, None, torch.tensor([len(r) for r in rows]), from_lookup=True)
+
     def propose(self, seqs: list[Row], k: int) -> Proposal:
+        proposal = self.looked_up(seqs, k)
+        if proposal is not None:  # the draft reads these tokens in its next round (`pending`)
+            self._k = 0
+            return proposal
         # Feed what the draft has not seen: the target's last token, plus the last accepted draft
         # token when every proposal was accepted (1 or 2 tokens; a row's whole prompt in its first round).
         pending = [s.all_ids[n:] for s, n in zip(seqs, self.cache.lengths.tolist())]
@@ -131,6 +158,8 @@ class NeuralSpeculator(Speculator):
         return q.amax(-1) >= self.min_confidence
 
     def commit(self, accepted: list[int], states=None) -> None:
+        if self._k == 0:  # prompt lookup's round: the draft's cache is as it was
+            return
         extra = torch.tensor([min(a, self._k - 1) for a in accepted], device=self.cache.lengths.device)
         self.cache.lengths += extra - (self._k - 1)
 

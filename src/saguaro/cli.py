@@ -88,7 +88,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-worker", action="store_true", help="run the drafter in this process (no overlap)")
     s.add_argument("--lookup-min-match", type=int, default=PROMPT_LOOKUP_MIN_MATCH,
                    help="greedy rows whose last N tokens occurred before take the prompt-lookup continuation "
-                        f"ahead of the cache (default: {PROMPT_LOOKUP_MIN_MATCH}; 0: off)")
+                        f"ahead of SD's draft and SSD's cache (default: {PROMPT_LOOKUP_MIN_MATCH}; 0: off)")
     s.add_argument("--draft-cores", type=_core_list,
                    help="CPU cores for the draft worker, e.g. 6,7 (default: the last core); the target keeps the rest")
     s.add_argument("--draft-threads", type=_positive_int, help="torch threads of the draft worker (default: its cores)")

@@ -111,8 +111,9 @@ class SDEngine(RemembersClocks, Engine):
 
 # What mode auto's SD runs per band until the other mode measures clearly faster. Recorded on the
 # embedded pair, 2-core EPYC, 8 held-out chat prompts x 128 tokens a dataset (docs/auto.md): SD that
-# stops where its draft is unsure ran at 1.08-1.19x AR greedy and 0.95-1.04x at T = 0.7 and 1, and a
-# policy deciding from its first rounds alone lost up to 6% to both on prompt-to-prompt swings.
+# stops where its draft is unsure, with prompt lookup ahead of it, ran at 1.32-1.53x AR greedy, and
+# without lookup at 0.97-1.06x at T = 0.7 and 1 (lookup is greedy-only); a policy deciding from its
+# first rounds alone lost up to 6% to both on prompt-to-prompt swings.
 SD_PRIOR = {"greedy": "sd", "sampled": "ar"}
 
 

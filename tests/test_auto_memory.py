@@ -50,3 +50,19 @@ def test_a_rule_that_recalls_both_modes_chooses_at_once_then_its_own_rounds_take
     assert rule(1, 0).mode == "ssd"
     assert set(rule.remembered()) == {"greedy/ssd", "greedy/ar"}
     assert rule.remembered()["greedy/ar"] == pytest.approx(0.05)
+
+
+def test_a_wrong_memory_is_checked_soon_and_replaced_by_one_re_measurement():
+    """A memory that makes AR look far slower than it runs (sampled AR remembered at 9.3 ms a token,
+    measured at 5.1) must not hold for hundreds of rounds: the remembered loser is re-measured after
+    `explore_every` rounds, and one re-measurement's timed rounds replace it."""
+    rule = MeasuredRounds(warmup=16, explore_every=64, explore_rounds=9, speculative="sd")
+    rule.recall({"sampled/sd": 0.0050, "sampled/ar": 0.0093})
+    modes = []
+    for _ in range(120):
+        choice = rule(1, 1)
+        modes.append(choice.mode)
+        rule.observe(choice, 1, 1, 0.0056 if choice.mode == "sd" else 0.0051, 1)  # SD really the slower
+    assert modes[0] == "sd" and "ar" in modes[60:75]  # the memory's choice first, AR re-timed within ~64
+    assert modes[80:] == ["ar"] * 40  # then AR, which measured 9% faster
+    assert rule.remembered()["sampled/ar"] == pytest.approx(0.0051)

@@ -136,12 +136,14 @@ def forward_section(results: Path) -> list[str]:
     return lines + [""]
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def verification_section(results: Path) -> list[str]:
     """Compiled forward of 1..5 tokens at two commits, runs alternating (benchmarks/ab_forward.sh, or
     benchmarks/ab_run.sh over forward_paths.py for some token counts: the others show as -)."""
-    files = [[json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-             for path in sorted(results.glob("forward_ab_*t.jsonl"))]
-    files = [runs for runs in files if runs]
+    files = [runs for path in sorted(results.glob("forward_ab_*t.jsonl")) if (runs := read_jsonl(path))]
     if not files:
         return []
     tokens = sorted({int(k.split("_")[1]) for runs in files for r in runs for k in r if k.startswith("compiled_")})
@@ -163,8 +165,7 @@ def verification_section(results: Path) -> list[str]:
 
 def draft_after_target_section(results: Path) -> list[str]:
     """SD's draft step right after a target step and back to back, at two commits (ab_run.sh)."""
-    runs = [json.loads(line) for path in sorted(results.glob("draft_after_target_*t.jsonl"))
-            for line in path.read_text().splitlines() if line.strip()]
+    runs = [run for path in sorted(results.glob("draft_after_target_*t.jsonl")) for run in read_jsonl(path)]
     if not runs:
         return []
     lines = ["## The draft step after a target step", "",

@@ -8,6 +8,9 @@
   ssd       the target on one core, the draft worker on the other, overlapping
   ssd-no-lookup  the same without prompt lookup ahead of the cache (the paper's mechanism alone)
 
+Greedy rows in every SD and SSD mode take prompt lookup's continuation where their last 3 tokens
+occurred before (--lookup-min-match; 0 leaves the paper's mechanisms alone).
+
 Modes run interleaved prompt by prompt (order rotating), so machine drift hits all alike; one
 warm-up generation per mode is excluded. The ceiling of SSD over sd-1core at equal acceptance is
 1 + T_draft / T_verify per round, both measured in sd-1core's rounds of this run.

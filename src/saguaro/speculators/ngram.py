@@ -42,7 +42,8 @@ class NgramSpeculator(Speculator):
 
     def continuation(self, ids: list[int], k: int, min_match: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the last n >= min_match tokens
-        (the longest such n up to max(max_ngram, min_match)), unpadded; [] where there is none."""
+        (the longest such n up to max(max_ngram, min_match): the default search stops at max_ngram, so a
+        longer required match would never be found), unpadded; [] where there is none."""
         start, n = self.find(ids, max(self.max_ngram, min_match), min_match)
         return ids[start + n : start + n + k] if n >= min_match else []
 

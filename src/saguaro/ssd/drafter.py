@@ -145,11 +145,11 @@ class SSDDrafter:
         first"). Sampled rows keep the draft's q, which a deterministic proposal would give up."""
         if not self.prompt_lookup_min_match or not row.params.greedy:
             return None
-        # search suffixes up to the rule's length: the matcher's default stops at 3, so a longer
-        # required match was never found (for N <= 3 the search is the one it always was)
-        min_match = self.prompt_lookup_min_match
-        tokens, n = self.ngram.match(row.tokens, self.k, max(self.ngram.max_ngram, min_match))
-        return Speculation(tokens, None, hit=cached, source="lookup") if n >= min_match else None
+        follow = self.ngram.continuation(row.tokens, self.k, self.prompt_lookup_min_match)
+        if not follow:
+            return None
+        tokens = follow + follow[-1:] * (self.k - len(follow))  # a speculation holds k tokens
+        return Speculation(tokens, None, hit=cached, source="lookup")
 
     def target_q(self, q: torch.Tensor) -> torch.Tensor:
         """A speculation's q over the draft head -> over the target vocabulary (what the verifier uses)."""

@@ -27,7 +27,8 @@ class SSDOptions:
     fan-out) from the rounds; False keeps the priors. saguaro_c: Saguaro sampling C (1: plain).
     fallback: how cache misses are drafted ("auto" picks per round). prompt_lookup_min_match: greedy
     rows repeating their last n >= this many tokens take the prompt-lookup continuation ahead of the
-    cache, and in SD (a whole greedy batch) ahead of the draft (0: never). worker: draft in a worker process (False: in this process, no overlap).
+    cache, and in SD (a whole greedy batch) ahead of the draft (0: never). worker: draft in a worker
+    process (False: in this process, no overlap).
     draft_cores / draft_threads: where a CPU worker runs (default: the last core, one thread per core).
     worker_timeout: seconds to wait for one answer of the worker (None: the client's default,
     ssd.client.WORKER_TIMEOUT_S). draft_worker: HOST:PORT of a worker started with `saguaro

@@ -206,44 +206,89 @@ template <int P>
 constexpr ChunkScores<P> kChunkScores[kScoreRows] = {chunk_scores<P, 1>, chunk_scores<P, 2>, chunk_scores<P, 3>,
                                                      chunk_scores<P, 4>};
 
-// Values of keys [0, S) weighted by RG rows' exponentiated scores, in key index order; a row adds only
-// the keys it sees (a masked FMA leaves the others out exactly), and keys no row of the group sees are
-// never read.
+// A row's scores [0, S) -> exp(score - top) rounded to bfloat16, written to probs [0, S] (probs[S] = 0, so
+// the last pair of an odd span is whole); returns 1 / the sum of the rounded values (key s summed in lane
+// s % 16), so the weights the values get sum to one as they are used.
+inline float exponentiate_bf16(const float* scores, int64_t S, float top, uint16_t* probs) {
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 lanes = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; s += 16) {
+    const __mmask16 live = S - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - s)) - 1);
+    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, scores + s);
+    const __m256i p = (__m256i)_mm512_cvtneps_pbh(exp_nonpositive(_mm512_sub_ps(x, shift)));
+    _mm256_mask_storeu_epi16(probs + s, live, p);
+    lanes = _mm512_add_ps(lanes, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(p), 16)));
+  }
+  probs[S] = 0;
+  const float total = _mm512_reduce_add_ps(lanes);
+  return total > 0.0f ? 1.0f / total : 0.0f;
+}
+
+// Values of keys [0, S) weighted by RG rows' bfloat16 probabilities, a pair of keys (2j, 2j + 1) per
+// VDPBF16PS: the two keys' values are interleaved once for all rows (a register of 16 dimension pairs),
+// and each row adds p[2j] v[2j] + p[2j+1] v[2j+1], in pair index order, over the pairs any row of the
+// group sees a key of. Where a row sees no key of a pair, or one, the weights it may not see are exactly
+// 0 and the values finite (a key some row sees is written; one no row of the group sees is read as
+// zero), so those products are zeros that leave its sum bitwise as it was (VDPBF16PS flushes denormal
+// results, so a sum is never denormal, and never -0). A row's output is thus the same whatever rows
+// share the call. Half the multiply instructions of one float FMA per key and dimension.
 template <int NV, int RG>
-void weigh_values(const at::BFloat16* values, int64_t S, const __mmask16* const* seen, const float* const* p,
-                         const float* inv, at::BFloat16* const* out) {
+void weigh_values(const at::BFloat16* values, int64_t S, const __mmask16* const* seen, const uint16_t* const* p,
+                  const float* inv, at::BFloat16* const* out) {
   constexpr int64_t D = NV * 16;
+  constexpr int kHalves = NV / 2;  // 32 bfloat16 of a value per register
   __m512 acc[RG][NV];
   for (int r = 0; r < RG; ++r)
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int64_t c = 0; c * 16 < S; ++c) {
-    __mmask16 any = 0;
+    uint32_t any = 0;
     for (int r = 0; r < RG; ++r) any |= seen[r][c];
-    for (uint32_t bits = any; bits; bits &= bits - 1) {
-      const int64_t s = c * 16 + __builtin_ctz(bits);
-      __m512 vv[NV];
-      for (int i = 0; i < NV; ++i) vv[i] = load16(values + s * D + 16 * i);
+    for (uint32_t pairs = (any | (any >> 1)) & 0x5555; pairs; pairs &= pairs - 1) {
+      const int bit = __builtin_ctz(pairs);
+      const int64_t s = c * 16 + bit;  // even
+      const __mmask32 first = -((any >> bit) & 1u), second = -((any >> (bit + 1)) & 1u);
+      __m512i mixed[NV];
+#pragma GCC unroll 4
+      for (int h = 0; h < kHalves; ++h) {
+        const __m512i a = _mm512_maskz_loadu_epi16(first, values + s * D + 32 * h);
+        const __m512i b = _mm512_maskz_loadu_epi16(second, values + (s + 1) * D + 32 * h);
+        mixed[2 * h] = _mm512_unpacklo_epi16(a, b);  // lane 4L + j: dimension 32h + 8L + j of both keys
+        mixed[2 * h + 1] = _mm512_unpackhi_epi16(a, b);  // dimension 32h + 8L + 4 + j
+      }
+#pragma GCC unroll 4
       for (int r = 0; r < RG; ++r) {
-        const __mmask16 keep = (seen[r][c] >> (s - c * 16)) & 1 ? __mmask16(0xFFFF) : __mmask16(0);
-        const __m512 w = _mm512_set1_ps(p[r][s]);
-        for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_mask3_fmadd_ps(w, vv[i], acc[r][i], keep);
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p[r] + s));
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)mixed[i], w);
       }
     }
   }
-  for (int r = 0; r < RG; ++r)
-    for (int i = 0; i < NV; ++i) store16(out[r] + 16 * i, _mm512_mul_ps(acc[r][i], _mm512_set1_ps(inv[r])));
+  // Back to dimension order: 16 dimensions from the low (a) and high (b) halves of an interleave.
+  const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i next16 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+#pragma GCC unroll 4  // every index of acc a constant, so the accumulators stay in registers in the loop above
+  for (int r = 0; r < RG; ++r) {
+    const __m512 scale = _mm512_set1_ps(inv[r]);
+#pragma GCC unroll 4
+    for (int h = 0; h < kHalves; ++h) {
+      const __m512 lo = acc[r][2 * h], hi = acc[r][2 * h + 1];
+      store16(out[r] + 32 * h, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first16, hi), scale));
+      store16(out[r] + 32 * h + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, next16, hi), scale));
+    }
+  }
 }
 
-// Rows weighed together: NV * rows accumulators in registers.
+// Rows weighed together: NV * rows accumulators and NV interleaved values in registers.
 template <int NV>
-constexpr int kValueRows = NV == 4 ? 4 : 3;
+constexpr int kValueRows = NV == 4 ? 4 : 2;
 
 template <int NV>
-using WeighValues = void (*)(const at::BFloat16*, int64_t, const __mmask16* const*, const float* const*,
+using WeighValues = void (*)(const at::BFloat16*, int64_t, const __mmask16* const*, const uint16_t* const*,
                              const float*, at::BFloat16* const*);
 
 template <int NV>  // by row count - 1; entries past kValueRows<NV> are never called
-constexpr WeighValues<NV> kWeighValues[4] = {weigh_values<NV, 1>, weigh_values<NV, 2>, weigh_values<NV, 3>,
+constexpr WeighValues<NV> kWeighValues[4] = {weigh_values<NV, 1>, weigh_values<NV, 2>,
+                                             weigh_values<NV, std::min(3, kValueRows<NV>)>,
                                              weigh_values<NV, std::min(4, kValueRows<NV>)>};
 
 constexpr int kBf16Rows = 8;  // query rows per task: each chunk of keys is transposed once for them all
@@ -256,7 +301,7 @@ constexpr int kBf16Rows = 8;  // query rows per task: each chunk of keys is tran
 template <int NV>
 void attend_rows_bf16(int R, const at::BFloat16* const* q, const at::BFloat16* keys, const at::BFloat16* values,
                       const bool* const* allowed, int64_t S, float scale, float* const* scores, __mmask16* seen_all,
-                      at::BFloat16* const* out) {
+                      uint16_t* probs, at::BFloat16* const* out) {
   constexpr int64_t D = NV * 16, P = D / 2;
   const int64_t chunks = (S + 15) / 16;
   const __m512 none = _mm512_set1_ps(-INFINITY), scales = _mm512_set1_ps(scale);
@@ -297,10 +342,14 @@ void attend_rows_bf16(int R, const at::BFloat16* const* q, const at::BFloat16* k
     }
   }
   float inv[kBf16Rows];
-  for (int r = 0; r < R; ++r) inv[r] = exponentiate(scores[r], S, _mm512_reduce_max_ps(tops[r]));
+  const uint16_t* prob_rows[kBf16Rows];
+  for (int r = 0; r < R; ++r) {
+    inv[r] = exponentiate_bf16(scores[r], S, _mm512_reduce_max_ps(tops[r]), probs + r * (S + 1));
+    prob_rows[r] = probs + r * (S + 1);
+  }
   for (int r0 = 0; r0 < R; r0 += kValueRows<NV>) {
     const int rg = std::min(kValueRows<NV>, R - r0);
-    kWeighValues<NV>[rg - 1](values, S, seen + r0, scores + r0, inv + r0, out + r0);
+    kWeighValues<NV>[rg - 1](values, S, seen + r0, prob_rows + r0, inv + r0, out + r0);
   }
 }
 
@@ -359,6 +408,7 @@ void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
   at::parallel_for(0, B * Hk * chunks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(kChunk * S);
     std::vector<__mmask16> seen(kBf16 ? kChunk * ((S + 15) / 16) : 0);
+    std::vector<uint16_t> probs(kBf16 ? kChunk * (S + 1) : 0);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hk * chunks), hk = (i / chunks) % Hk, c = i % chunks;
       const int64_t r0 = c * kChunk, count = std::min(kChunk, rows - r0);
@@ -376,7 +426,8 @@ void run_heads(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, 
       }
       const int64_t kv = (b * Hk + hk) * C * D;
       if constexpr (kBf16)
-        attend_rows_bf16<NV>(count, qrows, kp + kv, vp + kv, allowed, S, scale, score_rows, seen.data(), out_rows);
+        attend_rows_bf16<NV>(count, qrows, kp + kv, vp + kv, allowed, S, scale, score_rows, seen.data(), probs.data(),
+                             out_rows);
       else
         kAttendRows<T, NV>[count - 1](qrows, kp + kv, vp + kv, allowed, S, scale, score_rows, out_rows);
     }

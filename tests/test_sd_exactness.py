@@ -287,6 +287,41 @@ def test_greedy_sd_with_prompt_lookup_ahead_of_the_draft_equals_ar(batch):
     assert lookups > 0 and drafted_rounds > 0  # both kinds of round ran
 
 
+class ChunkedReadCheck(FreshDraftCheck):
+    """As if the draft had compiled steps of up to `chunk` tokens: longer pending runs are read ahead in
+    chunks of that many (`read_ahead`), which must leave the draft's cache as one read would."""
+
+    chunk = 2
+
+    def read_chunk(self) -> int:
+        return self.chunk
+
+
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_draft_reading_ahead_in_chunks_after_lookup_rounds_equals_ar(monkeypatch, chunk):
+    from saguaro.speculators import neural
+
+    chunked = []
+    read_ahead = neural.read_ahead
+
+    def counting(draft, cache, tokens, size):
+        rest = read_ahead(draft, cache, tokens, size)
+        chunked.append(len(tokens) - len(rest))
+        return rest
+
+    monkeypatch.setattr(neural, "read_ahead", counting)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    for seed, k in itertools.product(range(3), (2, 4)):
+        target = tiny_model(seed, VOCAB)
+        ps = prompts(seed * 10 + k, 1)
+        want, _ = run(AREngine(target, STOP), ps, params)
+        spec = ChunkedReadCheck(perturbed(target, seed, 0.05), VOCAB, min_confidence=0.45, lookup_min_match=2)
+        spec.chunk = chunk
+        got, _ = run(SDEngine(target, spec, k, STOP), ps, params)
+        assert got == want, (seed, k)
+    assert any(n > 0 for n in chunked)  # some rounds read pending tokens ahead, in chunks
+
+
 def test_sampled_rows_never_take_prompt_lookup():
     """Lookup proposes deterministically; it is kept to greedy batches, so sampled SD is the path the χ²
     tests above check."""

@@ -17,14 +17,17 @@ Draw = Callable[[torch.Tensor, int], tuple[torch.Tensor, "torch.Tensor | None"]]
 Continues = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def draft_k(draft: CausalLM, cache, pending: list[list[int]], k: int, draw: Draw, continues: Continues | None = None
-            ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]:
+def draft_k(draft: CausalLM, cache, pending: list[list[int]], k: int, draw: Draw, continues: Continues | None = None,
+            read_chunk: int = 0) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]:
     """Feed each row the tokens its cache lacks (`pending`), then draft up to k tokens, one forward per
     step; draw(logits, step) picks the step's tokens (target ids) and the q they came from (None:
     deterministic). continues(logits, q) -> [B] bool: whether a row drafts past the token just drawn
-    (None: always); drafting ends once no row continues.
+    (None: always); drafting ends once no row continues. read_chunk: the most tokens one compiled
+    draft step reads (`read_ahead`; 0: none).
     Returns the tokens [B, n] (n <= k steps run), the n q's, and each row's proposed count [B] (None
     without `continues`: all n). The cache then holds the pending tokens and proposals 1..n-1."""
+    if len(pending) == 1 and read_chunk > 1:
+        pending = [read_ahead(draft, cache, pending[0], read_chunk)]
     ids, counts = right_pad(pending)
     counts = counts.to(cache.lengths.device)
     logits = draft(ids.to(draft.device), cache, logits_at=(counts - 1)[:, None])[:, 0]
@@ -47,6 +50,32 @@ def draft_k(draft: CausalLM, cache, pending: list[list[int]], k: int, draw: Draw
             logits = draft(token[:, None], cache)[:, -1]
             cache.lengths += 1
     return torch.stack(tokens, 1), qs, lengths
+
+
+READ_AHEAD_CHUNKS = 3  # at most this many compiled calls before eager is the cheaper way
+
+
+def compiled_reads(draft: CausalLM, most: int = 8) -> int:
+    """The most tokens (up to `most`) one compiled step of `draft` reads for one row; 0 without any."""
+    step = getattr(draft, "compiled", None)
+    return next((t for t in range(most, 0, -1) if step is not None and step.accepts(1, t)), 0)
+
+
+def read_ahead(draft: CausalLM, cache, tokens: list[int], chunk: int) -> list[int]:
+    """One row's pending tokens: while more are left than a compiled step reads (`chunk`: after prompt
+    lookup's rounds, which the draft skips), read the leading ones `chunk` at a time, and return the
+    rest for the call that drafts (which then fits a compiled step too). The eager forward costs ~4x a
+    compiled step on the embedded draft (~1 ms to read 3-5 tokens, against ~0.25); a prompt, longer,
+    stays one eager forward. The draft's kernels give each token the same K/V and logits however the
+    tokens are split (docs/exactness.md)."""
+    if len(tokens) <= chunk or len(tokens) > READ_AHEAD_CHUNKS * chunk:
+        return tokens
+    while len(tokens) > chunk:
+        ids = torch.tensor([tokens[:chunk]], device=draft.device)
+        draft(ids, cache, logits_at=torch.full((1, 1), chunk - 1, device=cache.lengths.device))
+        cache.lengths += chunk
+        tokens = tokens[chunk:]
+    return tokens
 
 
 class NeuralSpeculator(Speculator):
@@ -146,9 +175,13 @@ class NeuralSpeculator(Speculator):
             return self.head_to_target(sample(q, generators)), q
 
         tokens, qs, lengths = draft_k(self.draft, self.cache, pending, k, draw,
-                                      self.confident if self.min_confidence > 0 else None)
+                                      self.confident if self.min_confidence > 0 else None, self.read_chunk())
         self._k = tokens.shape[1]
         return Proposal(tokens, None if greedy else self.to_target_vocab(torch.stack(qs, 1)), lengths)
+
+    def read_chunk(self) -> int:
+        """The most pending tokens of one row the draft reads per compiled call (`read_ahead`)."""
+        return compiled_reads(self.draft)
 
     def confident(self, logits: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
         """[B] bool: the draft's top probability at the position just drawn is >= min_confidence."""

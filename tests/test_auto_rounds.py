@@ -251,8 +251,9 @@ def test_a_mode_clock_weighs_rounds_by_their_tokens_and_leaves_stalls_out():
 
 
 def test_a_near_tie_keeps_the_running_mode():
-    """The other mode takes over only when it measures `switch_margin` faster: near a tie the noise of
-    a busy machine would otherwise flip the mode back and forth, paying a settling round each time."""
+    """The other mode takes over only when it measures `switch_margin` faster (speculation from AR:
+    `speculation_margin`): near a tie the noise of a busy machine would otherwise flip the mode back and
+    forth, paying a settling round each time, and clocks timed apart must not talk the rule out of AR."""
     from saguaro.engine.auto import ModeClock
 
     rule = MeasuredRounds(speculative="sd", warmup=1, explore_every=10_000)
@@ -268,9 +269,11 @@ def test_a_near_tie_keeps_the_running_mode():
     assert rule(1, 0).mode == "sd"
     rule.clocks[("greedy", "ar")] = clock(0.90)
     assert rule(1, 0).mode == "ar"
-    rule.clocks[("greedy", "sd")] = clock(0.89)  # and back only past the margin again
+    rule.clocks[("greedy", "sd")] = clock(0.89)  # and back to speculation only past its (wider) margin
     assert rule(1, 0).mode == "ar"
-    rule.clocks[("greedy", "sd")] = clock(0.80)
+    rule.clocks[("greedy", "sd")] = clock(0.80)  # 1.12x: under speculation_margin
+    assert rule(1, 0).mode == "ar"
+    rule.clocks[("greedy", "sd")] = clock(0.70)  # 1.29x
     assert rule(1, 0).mode == "sd"
 
 
@@ -288,6 +291,10 @@ def test_a_band_with_a_prior_runs_it_until_the_other_mode_measures_clearly_faste
     assert rule(1, 0).mode == "sd" and rule(1, 1).mode == "ar"
     rule.clocks[("greedy", "ar")] = clock(0.80)
     assert rule(1, 0).mode == "ar"
+    rule.clocks[("sampled", "sd")] = clock(0.84)  # sampled SD 1.19x faster by its clock: AR holds the band
+    assert rule(1, 1).mode == "ar"
+    rule.clocks[("sampled", "sd")] = clock(0.78)  # 1.28x: past speculation_margin
+    assert rule(1, 1).mode == "sd"
 
 
 def test_a_band_with_a_prior_runs_it_first_and_times_the_other_mode_later():

@@ -132,6 +132,12 @@ class MeasuredRounds:
     # the other mode must measure this much faster to take over: rounds on a busy 2-core VM move +-10%,
     # and near a tie, flapping paid a settling round and a re-measurement each time for nothing
     switch_margin: float = 0.08
+    # ...and speculation must measure this much faster to take over from AR where AR runs: the clocks of
+    # rounds timed apart drift with a shared VM's speed, and favoured sampled SD by 5-20% where it ran at
+    # 0.93-1.00x AR end to end (T = 1, 2026-12-01, docs/auto.md); with the shipped draft sampled SD never
+    # measured more than 1.07x AR. A draft good enough to pay at T > 0 clears it; AR takes over from
+    # speculation at switch_margin, so the rule leans towards never running slower than plain decoding.
+    speculation_margin: float = 0.25
     speculative: str = "ssd"  # the mode weighed against AR: "ssd", or "sd" for an SD engine
     # per band, the mode that runs until the other measures `switch_margin` faster (what recorded runs
     # found faster there); a band without one goes to whichever measures faster after the warm-up
@@ -168,7 +174,8 @@ class MeasuredRounds:
         incumbent = self._best.get(band) or self.prior.get(band)
         if incumbent is not None and best != incumbent:  # a near tie keeps the mode running (no flapping)
             held, challenger = (ssd, ar) if incumbent == spec else (ar, ssd)
-            if challenger.per_token_s * (1 + self.switch_margin) > held.per_token_s:
+            margin = self.switch_margin if incumbent == spec else self.speculation_margin
+            if challenger.per_token_s * (1 + margin) > held.per_token_s:
                 best = incumbent
         other = "ar" if best == spec else spec
         speeds = f"{spec} {ssd.tokens_per_s:.1f} vs ar {ar.tokens_per_s:.1f} tok/s"

@@ -101,9 +101,10 @@ class RemembersClocks:
 
     def measured_round(self, seqs: list, speculative: str, run) -> None:
         """Ask the round rule which mode `seqs` run now, run it (`run(choice)`), and tell the rule how long
-        it took and how many tokens it emitted. Every round counts, including SD's rounds in which its
-        draft reads a prompt or catches up after plain rounds: leaving those out made SD's clock read
-        fast (auto ran SD at 0.96x AR while timing it 13% faster; timing all, 0.99x at T = 0.7)."""
+        it took and how many tokens it emitted. Every round is reported, including SD's rounds in which
+        its draft reads a prompt: leaving those out made SD's clock read fast (auto ran SD at 0.96x AR
+        while timing it 13% faster; timing all, 0.99x at T = 0.7). The rule itself leaves out only the
+        first round after a switch (auto.MeasuredRounds)."""
         sampled = sum(not s.params.greedy for s in seqs)
         choice = self.round_rule(len(seqs), sampled)
         before = sum(len(s.output_ids) for s in seqs)

@@ -52,6 +52,21 @@ def test_a_rule_that_recalls_both_modes_chooses_at_once_then_its_own_rounds_take
     assert rule.remembered()["greedy/ar"] == pytest.approx(0.05)
 
 
+def test_speculation_remembered_as_the_slower_is_not_re_timed_at_once():
+    """Where the memory has speculation the slower (sampled SD at 7.5 ms a token, AR at 6.0), AR runs and
+    SD waits the usual stretch (64 x 1.25^2 = 100 rounds) before it is re-timed: a fresh server's first
+    96-token request does not pay for it. AR remembered as the slower is checked sooner (below)."""
+    rule = MeasuredRounds(warmup=16, explore_every=64, explore_rounds=9, speculative="sd")
+    rule.recall({"sampled/sd": 0.0075, "sampled/ar": 0.0060})
+    modes = []
+    for _ in range(120):
+        choice = rule(1, 1)
+        modes.append(choice.mode)
+        rule.observe(choice, 1, 1, 0.0075 if choice.mode == "sd" else 0.0060, 1)
+    assert modes[:96] == ["ar"] * 96
+    assert "sd" in modes[96:]  # but it is re-timed in time
+
+
 def test_a_wrong_memory_is_checked_soon_and_replaced_by_one_re_measurement():
     """A memory that makes AR look far slower than it runs (sampled AR remembered at 9.3 ms a token,
     measured at 5.1) must not hold for hundreds of rounds: the remembered loser is re-measured after

@@ -185,7 +185,10 @@ class MeasuredRounds:
         slower = max(ssd.per_token_s, ar.per_token_s) / min(ssd.per_token_s, ar.per_token_s)
         backoff = min(2 ** self._explorations.get(band, 0), self.max_backoff)
         every = round(self.explore_every * slower ** 2 * backoff)
-        if self._clock(band, other).memory is not None:  # remembered: checked on this process's rounds soon
+        if other == "ar" and self._clock(band, "ar").memory is not None:
+            # AR remembered as the slower: checked on this process's rounds soon, since a wrong memory
+            # here would run speculation slower than plain decoding. Speculation remembered as the slower
+            # keeps the usual wait: a fresh server's first short requests then do not pay to re-time it.
             every = self.explore_every
         if since >= every:
             if since >= every + self.explore_rounds - 1:
@@ -203,10 +206,10 @@ class MeasuredRounds:
 
     def recall(self, clocks: dict[str, float]) -> None:
         """Start from clocks an earlier process measured, so a band whose two modes are both remembered
-        chooses at once. One re-measurement's timed rounds replace a remembered clock, and the mode it
-        makes the slower is re-measured after `explore_every` rounds however much slower: a memory
-        measured on a busier machine had auto run SD at T = 1 where AR measured 10% faster (sampled AR
-        remembered at 9.3 ms a token, measured at 5.1), and it held for hundreds of rounds."""
+        chooses at once. One re-measurement's timed rounds replace a remembered clock, and AR, where it
+        is remembered as the slower, is re-measured after `explore_every` rounds however much slower: a
+        memory measured on a busier machine had auto run SD at T = 1 where AR measured 10% faster
+        (sampled AR remembered at 9.3 ms a token, measured at 5.1), and it held for hundreds of rounds."""
         for name, seconds in clocks.items():
             band, _, mode = name.partition("/")
             if band in ("greedy", "sampled") and mode in (self.speculative, "ar") and seconds and seconds > 0:

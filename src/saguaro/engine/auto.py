@@ -134,13 +134,13 @@ class MeasuredRounds:
     switch_margin: float = 0.08
     # ...and speculation must measure this much faster to take over from AR where AR runs: the clocks of
     # rounds timed apart drift with a shared VM's speed, and favoured sampled SD by 5-20% where it ran at
-    # 0.93-1.00x AR end to end (T = 1, 2026-12-01, docs/auto.md); with the shipped draft sampled SD never
+    # 0.93-1.00x AR end to end (T = 1, 2026-12-01, docs/results/dec01/); with the shipped draft sampled SD never
     # measured more than 1.07x AR. A draft good enough to pay at T > 0 clears it; AR takes over from
     # speculation at switch_margin, so the rule leans towards never running slower than plain decoding.
     speculation_margin: float = 0.25
     speculative: str = "ssd"  # the mode weighed against AR: "ssd", or "sd" for an SD engine
-    # per band, the mode that runs until the other measures `switch_margin` faster (what recorded runs
-    # found faster there); a band without one goes to whichever measures faster after the warm-up
+    # per band, the mode that runs until the other measures its margin faster (what recorded runs found
+    # faster there); a band without one goes to whichever measures faster after the warm-up
     prior: dict[str, str] = field(default_factory=dict)
     clocks: dict[tuple[str, str], ModeClock] = field(default_factory=dict)
     _since_explore: dict[str, int] = field(default_factory=dict)

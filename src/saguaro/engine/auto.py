@@ -128,7 +128,7 @@ class MeasuredRounds:
     warmup: int = 16  # timed rounds of each mode before choosing (after the round that settles it)
     explore_every: int = 64
     explore_rounds: int = 9  # the first settles, the others are timed
-    max_backoff: int = 2  # each re-measurement that leaves the faster mode unchanged doubles the wait, to this
+    max_backoff: int = 8  # each re-measurement that leaves the faster mode unchanged doubles the wait, to this
     # the other mode must measure this much faster to take over: rounds on a busy 2-core VM move +-10%,
     # and near a tie, flapping paid a settling round and a re-measurement each time for nothing
     switch_margin: float = 0.08

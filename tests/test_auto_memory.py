@@ -52,17 +52,24 @@ def test_a_rule_that_recalls_both_modes_chooses_at_once_then_its_own_rounds_take
     assert rule.remembered()["greedy/ar"] == pytest.approx(0.05)
 
 
+def sampled_rounds(rule: MeasuredRounds, rounds: int, sd_s: float, ar_s: float) -> list[str]:
+    """The modes `rule` runs for one sampled row over `rounds` rounds of one token each, every SD round
+    taking sd_s seconds and every AR round ar_s."""
+    modes = []
+    for _ in range(rounds):
+        choice = rule(1, 1)
+        modes.append(choice.mode)
+        rule.observe(choice, 1, 1, sd_s if choice.mode == "sd" else ar_s, 1)
+    return modes
+
+
 def test_speculation_remembered_as_the_slower_is_not_re_timed_at_once():
     """Where the memory has speculation the slower (sampled SD at 7.5 ms a token, AR at 6.0), AR runs and
     SD waits the usual stretch (64 x 1.25^2 = 100 rounds) before it is re-timed: a fresh server's first
     96-token request does not pay for it. AR remembered as the slower is checked sooner (below)."""
     rule = MeasuredRounds(warmup=16, explore_every=64, explore_rounds=9, speculative="sd")
     rule.recall({"sampled/sd": 0.0075, "sampled/ar": 0.0060})
-    modes = []
-    for _ in range(120):
-        choice = rule(1, 1)
-        modes.append(choice.mode)
-        rule.observe(choice, 1, 1, 0.0075 if choice.mode == "sd" else 0.0060, 1)
+    modes = sampled_rounds(rule, 120, sd_s=0.0075, ar_s=0.0060)
     assert modes[:96] == ["ar"] * 96
     assert "sd" in modes[96:]  # but it is re-timed in time
 
@@ -73,11 +80,7 @@ def test_a_wrong_memory_is_checked_soon_and_replaced_by_one_re_measurement():
     `explore_every` rounds, and one re-measurement's timed rounds replace it."""
     rule = MeasuredRounds(warmup=16, explore_every=64, explore_rounds=9, speculative="sd")
     rule.recall({"sampled/sd": 0.0050, "sampled/ar": 0.0093})
-    modes = []
-    for _ in range(120):
-        choice = rule(1, 1)
-        modes.append(choice.mode)
-        rule.observe(choice, 1, 1, 0.0056 if choice.mode == "sd" else 0.0051, 1)  # SD really the slower
+    modes = sampled_rounds(rule, 120, sd_s=0.0056, ar_s=0.0051)  # SD really the slower
     assert modes[0] == "sd" and "ar" in modes[60:75]  # the memory's choice first, AR re-timed within ~64
     assert modes[80:] == ["ar"] * 40  # then AR, which measured 9% faster
     assert rule.remembered()["sampled/ar"] == pytest.approx(0.0051)

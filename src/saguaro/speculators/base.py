@@ -44,6 +44,12 @@ def head_to_vocab(q: torch.Tensor, head_ids: torch.Tensor | None, vocab: int) ->
     return full.index_copy_(-1, head_ids.to(q.device), q)
 
 
+def repeat_last(tokens: list[int], k: int) -> list[int]:
+    """tokens (not empty) padded to k by repeating the last: a proposal of fixed width whose padding,
+    past the row's length, is never verified."""
+    return tokens + tokens[-1:] * (k - len(tokens))
+
+
 def right_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids [B, W] right-padded with 0, lengths [B]), both on the CPU: the batch a
     model forward takes, with `logits_at=(lengths - 1)[:, None]` reading each row's last token."""

@@ -8,7 +8,7 @@ import torch
 
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import draft_probs, sample
-from saguaro.speculators.base import Proposal, Row, Speculator, head_to_vocab, right_pad
+from saguaro.speculators.base import Proposal, Row, Speculator, head_to_vocab, repeat_last, right_pad
 from saguaro.speculators.ngram import NgramSpeculator
 
 Draw = Callable[[torch.Tensor, int], tuple[torch.Tensor, "torch.Tensor | None"]]
@@ -154,7 +154,7 @@ class NeuralSpeculator(Speculator):
                 return None
             rows.append(follow)
         width = max(len(r) for r in rows)
-        tokens = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])
+        tokens = torch.tensor([repeat_last(r, width) for r in rows])
         return Proposal(tokens, None, torch.tensor([len(r) for r in rows]), from_lookup=True)
 
     def propose(self, seqs: list[Row], k: int) -> Proposal:

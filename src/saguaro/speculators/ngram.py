@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from saguaro.speculators.base import Proposal, Row, Speculator
+from saguaro.speculators.base import Proposal, Row, Speculator, repeat_last
 
 
 class NgramSpeculator(Speculator):
@@ -37,8 +37,7 @@ class NgramSpeculator(Speculator):
         start, n = self.find(ids, max_ngram)
         if n == 0:
             return [ids[-1]] * k, 0
-        follow = ids[start + n : start + n + k]
-        return follow + [follow[-1]] * (k - len(follow)), n
+        return repeat_last(ids[start + n : start + n + k], k), n
 
     def continuation(self, ids: list[int], k: int, min_match: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the last n >= min_match tokens

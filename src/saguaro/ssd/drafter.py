@@ -24,7 +24,7 @@ import torch
 
 from saguaro.models.transformer import CausalLM
 from saguaro.sampling import SamplingParams, draft_probs, sample
-from saguaro.speculators import NeuralSpeculator, NgramSpeculator, draft_k, right_pad
+from saguaro.speculators import NeuralSpeculator, NgramSpeculator, draft_k, repeat_last, right_pad
 from saguaro.ssd.online import FALLBACKS
 from saguaro.ssd.sampling import saguaro_distribution
 
@@ -148,8 +148,7 @@ class SSDDrafter:
         follow = self.ngram.continuation(row.tokens, self.k, self.prompt_lookup_min_match)
         if not follow:
             return None
-        tokens = follow + follow[-1:] * (self.k - len(follow))  # a speculation holds k tokens
-        return Speculation(tokens, None, hit=cached, source="lookup")
+        return Speculation(repeat_last(follow, self.k), None, hit=cached, source="lookup")  # k tokens
 
     def target_q(self, q: torch.Tensor) -> torch.Tensor:
         """A speculation's q over the draft head -> over the target vocabulary (what the verifier uses)."""

@@ -58,3 +58,27 @@ def test_trainer_waits_for_teacher_data_past_max_epochs(tmp_path):
         tr.train_step()
     assert tr.tokens_seen - start >= 2 * tr.teacher_tokens()
     assert not tr.data_exhausted(start, max_epochs=None)
+
+
+def test_a_grown_draft_starts_as_the_trained_one_and_learns_its_new_layers(tmp_path):
+    from saguaro.distill.draft import grow_draft
+
+    target = tiny_model(1, VOCAB, layers=4)
+    draft = tiny_model(3, VOCAB, output_token_ids=HEAD)
+    draft.embed.weight = target.embed.weight  # borrowed, as the shipped draft's are
+    grown = grow_draft(draft, target, [2, 3])
+    assert grown.config.num_layers == 4
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(grown.forward_train(tokens), draft.forward_train(tokens))
+    # negative control: the same layers with their residual branches kept change the function
+    kept = grow_draft(draft, target, [2, 3])
+    with torch.no_grad():
+        kept.layers[3].mlp.down.weight.copy_(target.layers[3].mlp.down.weight)
+    assert not torch.allclose(kept.forward_train(tokens), draft.forward_train(tokens))
+
+    write_shard(tmp_path / "teacher", 0, teacher_shard())
+    tr = Trainer(grown.float(), tmp_path / "teacher", tmp_path / "state", seed=0, lr=1e-2, batch_size=ROWS, warmup=1)
+    tr.refresh_shards()
+    for _ in range(3):
+        tr.train_step()
+    assert tr.draft.layers[3].mlp.down.weight.abs().sum() > 0  # the new branches learn

@@ -219,6 +219,8 @@ def cmd_distill(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.grow_from and not args.init_from:
+        raise SystemExit("saguaro distill: --grow-from adds layers to a trained draft; give it --init-from")
     opts = DistillOptions(
         target=args.target or str(embedded_target_path()), out=Path(args.out),
         data=args.data.split(","), tokens=args.tokens, seed=args.seed,
@@ -229,6 +231,7 @@ def cmd_distill(args) -> None:
         teacher=args.teacher, corpus=parse_corpus(args.corpus), top_k=args.top_k, window=args.window,
         onpolicy_dir=Path(args.onpolicy_dir) if args.onpolicy_dir else None, shard_prompts=args.shard_rows,
         depth=args.depth, eval_every=args.eval_every,
+        grow_from=[int(x) for x in args.grow_from.split(",")] if args.grow_from else None,
     )
     report = run_distill(opts)
     if report:
@@ -366,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--work-dir", help="teacher data and training state (default: under ~/.cache/saguaro)")
     d.add_argument("--lr", type=float, default=5e-4)
     d.add_argument("--init-from", help="start from this draft checkpoint's weights (when no training state exists)")
+    d.add_argument("--grow-from",
+                   help="with --init-from: put one more layer on top per target layer named (e.g. 2,3), its residual "
+                        "branches zeroed so the grown draft starts where the trained one is")
     d.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default: 1)")
     d.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (weights and optimizer stay float32; ~2.5x faster on CPUs "

@@ -61,6 +61,28 @@ def build_draft(target: CausalLM, init_layers: list[int], output_ids: list[int])
     return draft
 
 
+def grow_draft(draft: CausalLM, target: CausalLM, sources: list[int]) -> CausalLM:
+    """`draft` with one more layer on top per entry of `sources`, computing the same function as before.
+
+    Each new layer starts from the target layer named in `sources`, with its two residual branches
+    (attention output, MLP down) zeroed, so it adds nothing until training moves those weights: the grown
+    draft starts at the trained one's acceptance and the extra depth can only be learned, not unlearned.
+    """
+    config = replace(draft.config, num_layers=draft.config.num_layers + len(sources))
+    grown = CausalLM(config).to(draft.dtype)
+    with torch.no_grad():
+        for i, layer in enumerate(draft.layers):
+            grown.layers[i].load_state_dict(layer.state_dict())
+        for i, src in enumerate(sources, start=draft.config.num_layers):
+            grown.layers[i].load_state_dict(target.layers[src].state_dict())
+            grown.layers[i].attn.o.weight.zero_()
+            grown.layers[i].mlp.down.weight.zero_()
+        grown.norm.weight.copy_(draft.norm.weight)
+        grown.lm_head.weight.copy_(draft.lm_head.weight)
+    share_embeddings(grown, target)
+    return grown
+
+
 def share_embeddings(draft: CausalLM, target: CausalLM) -> None:
     draft.embed.weight = target.embed.weight  # borrowed, frozen
 

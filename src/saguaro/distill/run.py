@@ -66,6 +66,7 @@ class DistillOptions:
     window: int = 512  # tokens per teacher-forced sequence
     onpolicy_dir: Path | None = None  # generated shards to re-score (default: the work dir's teacher/)
     depth: int = 3  # drafting steps a feature draft's training unrolls
+    grow_from: list[int] | None = None  # with init_from: add one layer per target layer named, on top
 
     def corpora(self) -> dict[str, float]:
         return self.corpus or dict(DEFAULT_CORPUS)
@@ -208,6 +209,8 @@ def make_draft(opts, target, tokenizer, state_dir: Path):
     vocab_file = state_dir / "output_vocab.json"
     if opts.init_from is not None:
         draft = load_model(opts.init_from, embeddings_from=target)
+        if opts.grow_from:
+            draft = draft_lib.grow_draft(draft, target, opts.grow_from)
         state_dir.mkdir(parents=True, exist_ok=True)
         vocab_file.write_text(json.dumps(draft.config.output_token_ids))
         return draft
@@ -233,6 +236,8 @@ def _record(tr: Trainer, opts: DistillOptions) -> dict:
         rec["teacher_force"] = {d.name: corpus_stats(d) for d in tr.sources}
     if opts.init_from is not None:
         rec["init_from"] = json.loads((Path(opts.init_from) / "config.json").read_text()).get("saguaro_distill")
+    if opts.grow_from:
+        rec["grown_from_target_layers"] = opts.grow_from
     return rec
 
 

@@ -170,6 +170,8 @@ def main() -> None:
                                       "fitted_acceptance_r": ssd.policy.fitted if ssd else None}, "results": {}}
     for d in datasets:
         res = {m: per_round(summarize(raw[d][m])) for m in names}
+        if "auto" in res:  # what auto ran at the end of each request, and why
+            res["auto"]["last_reasons"] = [b["seqs"][0].get("auto_reason") for b in raw[d]["auto"]]
         for m in names:
             r = res[m]
             r["speedup_vs_ar"] = r["tokens_per_s"] / res["ar"]["tokens_per_s"]

@@ -67,7 +67,7 @@ def test_speculation_remembered_as_the_slower_is_not_re_timed_at_once():
     """Where the memory has speculation the slower (sampled SD at 7.5 ms a token, AR at 6.0), AR runs and
     SD waits the usual stretch (64 x 1.25^2 = 100 rounds) before it is re-timed: a fresh server's first
     96-token request does not pay for it. AR remembered as the slower is checked sooner (below)."""
-    rule = MeasuredRounds(warmup=16, explore_every=64, explore_rounds=9, speculative="sd")
+    rule = MeasuredRounds(warmup=16, explore_every=64, explore_tokens=8, speculative="sd")
     rule.recall({"sampled/sd": 0.0075, "sampled/ar": 0.0060})
     modes = sampled_rounds(rule, 120, sd_s=0.0075, ar_s=0.0060)
     assert modes[:96] == ["ar"] * 96
@@ -78,7 +78,7 @@ def test_a_wrong_memory_is_checked_soon_and_replaced_by_one_re_measurement():
     """A memory that makes AR look far slower than it runs (sampled AR remembered at 9.3 ms a token,
     measured at 5.1) must not hold for hundreds of rounds: the remembered loser is re-measured after
     `explore_every` rounds, and one re-measurement's timed rounds replace it."""
-    rule = MeasuredRounds(warmup=16, explore_every=64, explore_rounds=9, speculative="sd")
+    rule = MeasuredRounds(warmup=16, explore_every=64, explore_tokens=8, speculative="sd")
     rule.recall({"sampled/sd": 0.0050, "sampled/ar": 0.0093})
     modes = sampled_rounds(rule, 120, sd_s=0.0056, ar_s=0.0051)  # SD really the slower
     assert modes[0] == "sd" and "ar" in modes[60:75]  # the memory's choice first, AR re-timed within ~64

@@ -132,29 +132,75 @@ def test_drafter_skips_ar_batches_and_resyncs_when_one_row_is_left():
     assert last.ar_rounds > 0 and last.rounds > 0 and last.cache_hits > 0
 
 
-def test_measured_rule_tries_both_then_keeps_the_faster_and_re_measures():
-    rule = MeasuredRounds(warmup=2, explore_every=5, explore_rounds=3)
+def rounds_of(rule, n: int, ssd_s: float, ssd_tokens: int, ar_s: float = 0.020, batch: int = 1, sampled: int = 0):
+    """The modes `rule` runs over `n` rounds: an SSD round emits `ssd_tokens` in `ssd_s`, an AR round one
+    token in `ar_s`; the first round after a switch pays for it (10x), which the rule must not measure."""
     modes = []
-    for _ in range(19):
-        choice = rule(1, 0)
-        switched = bool(modes) and modes[-1] != choice.mode or not modes
+    for _ in range(n):
+        choice = rule(batch, sampled)
+        switched = not modes or modes[-1] != choice.mode
         modes.append(choice.mode)
-        # SSD emits 2 tokens in 39 ms, AR 1 token in 20 ms: SSD is faster per token, by 1.03x. The first
-        # round after a switch pays for it (10x here): it must not be what the rule measures.
-        seconds = (0.039 if choice.mode == "ssd" else 0.020) * (10 if switched else 1)
-        rule.observe(choice, 1, 0, seconds, 2 if choice.mode == "ssd" else 1)
-    assert modes[:6] == ["ssd"] * 3 + ["ar"] * 3  # each: one round to settle, two timed
-    assert modes[6:11] == ["ssd"] * 5  # the faster one
-    assert modes[11:14] == ["ar"] * 3  # then the slower one again, briefly
-    assert modes[14:19] == ["ssd"] * 5
-    assert "ssd measured faster" in rule(1, 0).reason
+        seconds = (ssd_s if choice.mode == "ssd" else ar_s) * (10 if switched else 1)
+        rule.observe(choice, batch, sampled, seconds, ssd_tokens if choice.mode == "ssd" else 1)
+    return modes
+
+
+def test_measured_rule_tries_both_then_keeps_the_faster_and_re_measures():
+    rule = MeasuredRounds(warmup=4, explore_every=5, explore_tokens=4)
+    # SSD emits 2 tokens in 25 ms, AR 1 token in 20 ms: SSD is 1.6x faster per token
+    modes = rounds_of(rule, 40, ssd_s=0.025, ssd_tokens=2)
+    assert modes[:8] == ["ssd"] * 3 + ["ar"] * 5  # each: one round to settle, then 4 timed tokens
+    # the faster one for 5 x 1.6^2 = 13 rounds, then the slower one again, briefly (settle + 4 tokens);
+    # pairs: the two warm-ups, AR's warm-up against the SSD run after it, that run's end against the block
+    assert modes[8:21] == ["ssd"] * 13 and modes[21:26] == ["ar"] * 5 and modes[26] == "ssd"
+    reason = rule(1, 0).reason
+    assert "ssd measured faster" in reason and "side by side ssd 1.60x ar over 3 pair(s)" in reason
     # the bands are measured apart: sampled rows start over, and batches run AR
     assert rule(1, 1).mode == "ssd" and "sampled: measuring" in rule(1, 1).reason
     assert rule(4, 0).mode == "ar"
 
 
+def test_speculation_takes_over_from_ar_only_when_clearly_faster_side_by_side():
+    """Without a prior, a band runs AR unless speculation measured faster by `switch_margin` at the slow
+    end of the side-by-side comparison (one standard error; `unknown_spread` below 3 pairs): 1.2x on one
+    pair is not enough, 1.6x is; and AR takes over from running speculation at `switch_margin`."""
+    def first_choice(ssd_s: float) -> str:
+        rule = MeasuredRounds(warmup=4, explore_every=1000, explore_tokens=4)
+        return rounds_of(rule, 9, ssd_s=ssd_s, ssd_tokens=2)[-1]
+
+    assert first_choice(0.025) == "ssd"  # 1.6x
+    assert first_choice(0.033) == "ar"  # 1.21x, one pair: 1.21 < e^0.2 x 1.08 = 1.32
+    # negative control: the same 1.21x read from the clocks alone (no pair: runs too short to compare)
+    rule = MeasuredRounds(warmup=2, explore_every=1000, explore_tokens=2)
+    assert rounds_of(rule, 6, ssd_s=0.033, ssd_tokens=2)[-1] == "ssd"
+    assert not rule.paired["greedy"].pairs
+
+
+def test_a_drifting_machine_does_not_talk_the_rule_into_speculation():
+    """A shared VM's speed drifts: SSD's clock, filled while the machine was fast, reads SSD 1.5x faster
+    than AR's clock, filled since it slowed. Side by side, SSD measured 5% slower than the AR rounds
+    around it, and AR keeps the band; the same clocks without a comparison (negative control) switch."""
+    from saguaro.engine.auto import ModeClock
+
+    def rule_with_clocks() -> MeasuredRounds:
+        rule = MeasuredRounds(warmup=1, explore_every=10_000)
+        rule.clocks[("greedy", "ssd")], rule.clocks[("greedy", "ar")] = ModeClock(), ModeClock()
+        rule.clocks[("greedy", "ssd")].add(0.020, 1)
+        rule.clocks[("greedy", "ar")].add(0.030, 1)
+        return rule
+
+    control = rule_with_clocks()
+    assert control(1, 0).mode == "ssd"
+    rule = rule_with_clocks()
+    for _ in range(3):  # runs of 8 tokens taking turns, each SSD run 5% slower than the AR runs beside it
+        for mode, seconds in (("ar", 0.030), ("ssd", 0.0315)):
+            for _ in range(8):
+                rule._pairs("greedy").add(mode, seconds, 1)
+    assert rule(1, 0).mode == "ar" and "side by side ssd 0.95x ar" in rule(1, 0).reason
+
+
 def test_measured_rule_follows_a_change_in_speed():
-    rule = MeasuredRounds(warmup=1, explore_every=4, explore_rounds=2)
+    rule = MeasuredRounds(warmup=1, explore_every=4, explore_tokens=1)
     ssd_s = 0.010
     seen = []
     for i in range(60):
@@ -169,7 +215,7 @@ def test_measured_rule_follows_a_change_in_speed():
 
 def test_measured_rule_re_measures_a_much_slower_mode_less_often():
     def explorations(ssd_s: float) -> int:
-        rule = MeasuredRounds(warmup=1, explore_every=8, explore_rounds=1)
+        rule = MeasuredRounds(warmup=1, explore_every=8, explore_tokens=0)
         modes = []
         for _ in range(200):
             choice = rule(1, 0)
@@ -181,7 +227,7 @@ def test_measured_rule_re_measures_a_much_slower_mode_less_often():
 
 
 def test_measured_rule_waits_longer_each_time_the_slower_mode_stays_slower():
-    rule = MeasuredRounds(warmup=1, explore_every=8, explore_rounds=1, max_backoff=8)
+    rule = MeasuredRounds(warmup=1, explore_every=8, explore_tokens=0, max_backoff=8)
     starts = []
     for i in range(800):
         choice = rule(1, 0)
@@ -298,7 +344,7 @@ def test_a_band_with_a_prior_runs_it_until_the_other_mode_measures_clearly_faste
 
 
 def test_a_band_with_a_prior_runs_it_first_and_times_the_other_mode_later():
-    rule = MeasuredRounds(speculative="sd", warmup=2, explore_every=6, explore_rounds=3,
+    rule = MeasuredRounds(speculative="sd", warmup=2, explore_every=6, explore_tokens=2,
                           prior={"greedy": "sd", "sampled": "ar"})
     modes = []
     for _ in range(16):

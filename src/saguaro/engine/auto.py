@@ -20,10 +20,13 @@ next SSD round's time includes; SD's draft feeds them in its next proposal).
 
 from __future__ import annotations
 
-import statistics
-from collections import deque
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from saguaro.engine.mode_clocks import STALL_FACTOR, ModeClock, PairedRatio
+
+__all__ = ["STALL_FACTOR", "MeasuredRounds", "ModeClock", "RoundChoice", "RoundRule", "StaticRule", "choose_round"]
 
 
 @dataclass(frozen=True)
@@ -56,65 +59,21 @@ def choose_round(batch: int, sampled_rows: int) -> RoundChoice:
     return RoundChoice("ssd", "one greedy row: SSD measured above AR")
 
 
-STALL_FACTOR = 2.0  # a round this many times slower than the window's median round is left out
-
-
-@dataclass
-class ModeClock:
-    """Seconds per emitted token of one mode in one band over its last `window` rounds: their time
-    over their tokens, leaving out rounds that stalled (a page fault, a thread preempted on a busy
-    machine: over STALL_FACTOR x the median round), so one such round does not decide for 60.
-
-    Time over tokens, not a median of per-round rates: a speculative round yields 1 to K+1 tokens,
-    and when most rounds yield one the median rate is the slow one, though the long rounds pay for
-    them (measured: auto chose AR at 0.97x where SD ran at 1.05x)."""
-
-    window: int = 128
-    samples: deque = field(default_factory=deque)  # (seconds, tokens) of each round
-    rounds: int = 0
-    memory: tuple[float, int] | None = None  # an earlier process's (seconds, tokens), until own rounds replace it
-    _per_token: float | None = field(default=None, repr=False)  # computed once per change (asked per round)
-
-    def add(self, seconds: float, tokens: int) -> None:
-        self.samples.append((seconds, max(tokens, 1)))
-        if len(self.samples) > self.window:
-            self.samples.popleft()
-        if self.memory is not None and len(self.samples) >= self.memory[1]:
-            self.memory = None
-        self.rounds += 1
-        self._per_token = None
-
-    def recall(self, seconds_per_token: float, weight: int = 1) -> None:
-        """Start from an earlier process's measurement, counted as `weight` rounds of one token until as
-        many own rounds replace it: one own round of a speculative mode (1 to K+1 tokens) is too noisy."""
-        self.samples.clear()
-        self.memory = (seconds_per_token * weight, weight)
-        self._per_token = None
-
-    @property
-    def per_token_s(self) -> float | None:
-        if self._per_token is None and (self.samples or self.memory):
-            kept = [self.memory] if self.memory else []
-            if self.samples:
-                limit = STALL_FACTOR * statistics.median(sec for sec, _ in self.samples)
-                kept += [(sec, n) for sec, n in self.samples if sec <= limit]
-            self._per_token = sum(sec for sec, _ in kept) / sum(n for _, n in kept)
-        return self._per_token
-
-    @property
-    def tokens_per_s(self) -> float:
-        return 1.0 / self.per_token_s if self.per_token_s else 0.0
-
-
 @dataclass
 class MeasuredRounds:
-    """At one row: the faster mode per band as measured; `warmup` rounds of each first (SSD first; in a
-    band with a prior, the prior's mode, and the other's after `explore_every` rounds),
-    then `explore_rounds` of the slower every `explore_every` rounds, stretched by the square of how
-    much slower it measured (re-measuring a mode at 0.6x costs more than one at 0.95x, and is less
-    likely to have turned) and doubled after each re-measurement that changed nothing, up to
-    `max_backoff` times (a long-running server then pays ever less for a mode that keeps losing; a
-    change of the faster mode starts the doubling over). Batches run AR.
+    """At one row: the faster mode per band as measured; `warmup` timed tokens of each first (speculation
+    first; in a band with a prior, the prior's mode, and the other's after `explore_every` rounds), then
+    `explore_tokens` of the slower every `explore_every` rounds, stretched by the square of how much
+    slower it measured (re-measuring a mode at 0.6x costs more than one at 0.95x, and is less likely to
+    have turned) and doubled after each re-measurement that changed nothing, up to `max_backoff` times
+    (a long-running server then pays ever less for a mode that keeps losing; a change of the faster mode
+    starts the doubling over). Batches run AR.
+
+    The modes are compared side by side (mode_clocks.PairedRatio): each warm-up and re-measurement
+    against the other mode's rounds just across the switch, over equal tokens. Speculation takes over
+    from AR only when even the slow end of that comparison (one standard error) has it `switch_margin`
+    faster; AR takes over from speculation at `switch_margin` of the estimate. Before any comparison (a
+    remembered clock), the two clocks decide, with the wider `speculation_margin`.
 
     The first round after a switch is run but not timed: it pays for the switch (threads re-pinned,
     OpenMP's team resized, the draft worker still finishing a tree on the core AR now wants, the
@@ -124,41 +83,46 @@ class MeasuredRounds:
     # prompt to prompt where AR's does not. A few rounds decided nothing (measured: auto chose AR after
     # 8 SD rounds of one hard prompt, at 1.00-1.02x AR where SD ran at 1.14-1.20x). Timing the loser
     # longer is cheap (every mode measured within 0.83-1.2x AR here); choosing wrong is not.
-    # So the loser keeps being timed on the same prompts as the winner, in blocks of 8 every ~64 rounds.
-    warmup: int = 16  # timed rounds of each mode before choosing (after the round that settles it)
+    # So the loser keeps being timed on the same prompts as the winner, in blocks every ~64 rounds.
+    warmup: int = 16  # timed tokens of each mode before choosing (after the round that settles it)
     explore_every: int = 64
-    explore_rounds: int = 9  # the first settles, the others are timed
+    explore_tokens: int = 12  # timed tokens of a re-measurement (after the round that settles it)
     max_backoff: int = 8  # each re-measurement that leaves the faster mode unchanged doubles the wait, to this
     # the other mode must measure this much faster to take over: rounds on a busy 2-core VM move +-10%,
     # and near a tie, flapping paid a settling round and a re-measurement each time for nothing
     switch_margin: float = 0.08
-    # ...and speculation must measure this much faster to take over from AR where AR runs: the clocks of
-    # rounds timed apart drift with a shared VM's speed, and favoured sampled SD by 5-20% where it ran at
-    # 0.93-1.00x AR end to end (T = 1, 2026-12-01, docs/results/dec01/); with the shipped draft sampled SD never
-    # measured more than 1.07x AR. A draft good enough to pay at T > 0 clears it; AR takes over from
-    # speculation at switch_margin, so the rule leans towards never running slower than plain decoding.
+    # ...and, from two clocks timed apart (a memory, before any side-by-side comparison), speculation must
+    # measure this much faster to take over from AR: such clocks drift with a shared VM's speed, and
+    # favoured sampled SD by 5-20% where it ran at 0.93-1.00x AR end to end (T = 1, 2026-12-01,
+    # docs/results/dec01/); with the shipped draft sampled SD never measured more than 1.07x AR.
     speculation_margin: float = 0.25
+    # the standard error of the side-by-side log ratio taken below 3 pairs (one pair of 12-16 sampled
+    # tokens read SD anywhere in 0.8-1.25x AR)
+    unknown_spread: float = 0.2
     speculative: str = "ssd"  # the mode weighed against AR: "ssd", or "sd" for an SD engine
     # per band, the mode that runs until the other measures its margin faster (what recorded runs found
     # faster there); a band without one goes to whichever measures faster after the warm-up
     prior: dict[str, str] = field(default_factory=dict)
     clocks: dict[tuple[str, str], ModeClock] = field(default_factory=dict)
+    paired: dict[str, PairedRatio] = field(default_factory=dict)
     _since_explore: dict[str, int] = field(default_factory=dict)
     _last_mode: dict[str, str] = field(default_factory=dict)
     _best: dict[str, str] = field(default_factory=dict)
     _explorations: dict[str, int] = field(default_factory=dict)  # since the faster mode last changed
+    _exploring: dict[str, str] = field(default_factory=dict)  # band -> the mode being re-measured
+    _block_tokens: dict[str, int] = field(default_factory=dict)  # its timed tokens so far
+    _speed_text: dict[str, tuple] = field(default_factory=dict)  # band -> (when, text): a reason's numbers
 
     def __call__(self, batch: int, sampled_rows: int) -> RoundChoice:
         if batch > 1:
             return RoundChoice("ar", f"batch {batch} > 1: speculation measured below batched AR")
         band = "sampled" if sampled_rows else "greedy"
         spec = self.speculative
-        ssd, ar = self._clock(band, spec), self._clock(band, "ar")
         prior = self.prior.get(band)
         order = (spec, "ar") if prior is None else (prior, "ar" if prior == spec else spec)
         for mode in order:
             clock = self._clock(band, mode)
-            if clock.rounds >= self.warmup:
+            if clock.tokens >= self.warmup:
                 continue
             since = self._since_explore.get(band, 0)
             deferred = prior is not None and mode != prior and self._last_mode.get(band) != mode
@@ -169,20 +133,22 @@ class MeasuredRounds:
                 return RoundChoice(prior, f"{band}: {prior} by prior ({mode} timed after "
                                           f"{self.explore_every - since} rounds)")
             self._since_explore[band] = 0  # the exploration that follows starts counting after this
-            return RoundChoice(mode, f"{band}: measuring {mode} ({clock.rounds + 1}/{self.warmup})")
-        best = spec if ssd.per_token_s <= ar.per_token_s else "ar"
-        incumbent = self._best.get(band) or self.prior.get(band)
-        if incumbent is not None and best != incumbent:  # a near tie keeps the mode running (no flapping)
-            held, challenger = (ssd, ar) if incumbent == spec else (ar, ssd)
-            margin = self.switch_margin if incumbent == spec else self.speculation_margin
-            if challenger.per_token_s * (1 + margin) > held.per_token_s:
-                best = incumbent
+            return RoundChoice(mode, f"{band}: measuring {mode} ({clock.tokens}/{self.warmup} tokens)")
+        exploring = self._exploring.get(band)
+        if exploring is not None:
+            if self._block_tokens.get(band, 0) < self.explore_tokens:
+                return RoundChoice(exploring, f"{band}: re-measuring {exploring} ({self._speeds(band)})")
+            del self._exploring[band]
+            self._explorations[band] = self._explorations.get(band, 0) + 1
+            self._since_explore[band] = 0
+            self._pairs(band).close()  # the block against the rounds before it, before deciding
+        elif band not in self._best:
+            self._pairs(band).close()  # the two warm-ups, side by side
+        best, slower = self._faster(band)
         other = "ar" if best == spec else spec
-        speeds = f"{spec} {ssd.tokens_per_s:.1f} vs ar {ar.tokens_per_s:.1f} tok/s"
         if self._best.get(band) != best:
             self._best[band], self._explorations[band] = best, 0
         since = self._since_explore.get(band, 0)
-        slower = max(ssd.per_token_s, ar.per_token_s) / min(ssd.per_token_s, ar.per_token_s)
         backoff = min(2 ** self._explorations.get(band, 0), self.max_backoff)
         every = round(self.explore_every * slower ** 2 * backoff)
         if other == "ar" and self._clock(band, "ar").memory is not None:
@@ -191,14 +157,53 @@ class MeasuredRounds:
             # keeps the usual wait: a fresh server's first short requests then do not pay to re-time it.
             every = self.explore_every
         if since >= every:
-            if since >= every + self.explore_rounds - 1:
-                self._since_explore[band] = -1
-                self._explorations[band] = self._explorations.get(band, 0) + 1
-            else:
-                self._since_explore[band] = since + 1
-            return RoundChoice(other, f"{band}: re-measuring {other} ({speeds})")
+            self._exploring[band], self._block_tokens[band] = other, 0
+            return RoundChoice(other, f"{band}: re-measuring {other} ({self._speeds(band)})")
         self._since_explore[band] = since + 1
-        return RoundChoice(best, f"{band}: {best} measured faster ({speeds})")
+        return RoundChoice(best, f"{band}: {best} measured faster ({self._speeds(band)})")
+
+    def _faster(self, band: str) -> tuple[str, float]:
+        """The mode to run in `band` and how many times slower the other measured."""
+        spec = self.speculative
+        incumbent = self._best.get(band) or self.prior.get(band)
+        estimate = self._pairs(band).estimate()
+        if estimate is not None:
+            ratio, spread, _ = estimate  # speculation's seconds per token over AR's, side by side
+            if incumbent == spec:
+                best = "ar" if ratio > 1 + self.switch_margin else spec
+            else:  # AR runs (or nothing yet): speculation only where it is faster at the slow end
+                spread = self.unknown_spread if spread is None else spread
+                best = spec if ratio * math.exp(spread) * (1 + self.switch_margin) < 1 else "ar"
+            return best, max(ratio, 1 / ratio)
+        spec_s, ar_s = self._clock(band, spec).per_token_s, self._clock(band, "ar").per_token_s
+        best = spec if spec_s <= ar_s else "ar"
+        if incumbent is not None and best != incumbent:  # a near tie keeps the mode running (no flapping)
+            held, challenger = (spec_s, ar_s) if incumbent == spec else (ar_s, spec_s)
+            margin = self.switch_margin if incumbent == spec else self.speculation_margin
+            if challenger * (1 + margin) > held:
+                best = incumbent
+        return best, max(spec_s, ar_s) / min(spec_s, ar_s)
+
+    def _speeds(self, band: str) -> str:
+        """The numbers behind a choice, for its reason: written again when a pair comes in or every 16
+        rounds, not every round (a round of AR takes ~5 ms; composing this each time took 0.1 ms)."""
+        spec = self.speculative
+        pairs = self._pairs(band)
+        when = (len(pairs.pairs), pairs.pairs[-1] if pairs.pairs else None,
+                (self._clock(band, spec).rounds + self._clock(band, "ar").rounds) // 16)
+        cached = self._speed_text.get(band)
+        if cached is not None and cached[0] == when:
+            return cached[1]
+        text = (f"{spec} {self._clock(band, spec).tokens_per_s:.1f} vs ar "
+                f"{self._clock(band, 'ar').tokens_per_s:.1f} tok/s")
+        estimate = self._pairs(band).estimate()
+        if estimate is not None:
+            ratio, spread, pairs = estimate
+            text += f"; side by side {spec} {1 / ratio:.2f}x ar over {pairs} pair(s)"
+            if spread is not None:
+                text += f" +-{100 * spread:.0f}%"
+        self._speed_text[band] = (when, text)
+        return text
 
     def remembered(self) -> dict[str, float]:
         """Each measured clock's seconds per token, keyed "band/mode" (what `auto_memory` keeps)."""
@@ -214,8 +219,8 @@ class MeasuredRounds:
             band, _, mode = name.partition("/")
             if band in ("greedy", "sampled") and mode in (self.speculative, "ar") and seconds and seconds > 0:
                 clock = self._clock(band, mode)
-                clock.recall(float(seconds), weight=max(1, min(self.warmup, self.explore_rounds - 1)))
-                clock.rounds = max(clock.rounds, self.warmup)
+                clock.recall(float(seconds), weight=max(1, min(self.warmup, self.explore_tokens)))
+                clock.rounds, clock.tokens = max(clock.rounds, self.warmup), max(clock.tokens, self.warmup)
 
     def observe(self, choice: RoundChoice, batch: int, sampled_rows: int, seconds: float, tokens: int) -> None:
         if batch != 1:
@@ -223,8 +228,24 @@ class MeasuredRounds:
         band = "sampled" if sampled_rows else "greedy"
         settled = self._last_mode.get(band) == choice.mode
         self._last_mode[band] = choice.mode
-        if settled:
-            self._clock(band, choice.mode).add(seconds, tokens)
+        if not settled:
+            return
+        clock = self._clock(band, choice.mode)
+        stalled = len(clock.samples) >= 4 and seconds > PAIR_STALL_FACTOR * clock.typical_round_s
+        clock.add(seconds, tokens)
+        if not stalled:
+            self._pairs(band).add(choice.mode, seconds, tokens)
+        if self._exploring.get(band) == choice.mode:
+            self._block_tokens[band] = self._block_tokens.get(band, 0) + max(tokens, 1)
 
     def _clock(self, band: str, mode: str) -> ModeClock:
         return self.clocks.setdefault((band, mode), ModeClock())
+
+    def _pairs(self, band: str) -> PairedRatio:
+        return self.paired.setdefault(band, PairedRatio(self.speculative))
+
+
+# A round this many times the mode's median round is a stall (a preempted thread), kept out of the side-by-
+# side comparison; wider than STALL_FACTOR, since a speculative round verifying K+1 tokens legitimately
+# takes about twice one that drafted nothing.
+PAIR_STALL_FACTOR = 4.0

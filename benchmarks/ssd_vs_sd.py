@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import time
 
 import torch
@@ -175,6 +176,12 @@ def main() -> None:
         for m in names:
             r = res[m]
             r["speedup_vs_ar"] = r["tokens_per_s"] / res["ar"]["tokens_per_s"]
+            # per prompt, against AR on the same prompt moments before or after: a VM's drift over the run
+            # moves the totals above, much less the median of these
+            per_prompt = [(b["tokens"] / b["wall_s"]) / (a["tokens"] / a["wall_s"])
+                          for a, b in zip(raw[d]["ar"], raw[d][m])]
+            r["per_prompt_vs_ar_median"] = statistics.median(per_prompt)
+            r["per_prompt_vs_ar"] = per_prompt
             for base in ("sd-1core", "sd-2core", "sd-2core-stop"):
                 if base in res:
                     r[f"speedup_vs_{base.replace('-', '_')}"] = r["tokens_per_s"] / res[base]["tokens_per_s"]

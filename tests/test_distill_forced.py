@@ -60,6 +60,22 @@ def test_forced_shard_holds_the_targets_topk_and_tail():
         assert torch.allclose(shard["topk_logprobs"][a:b].float(), top.values, atol=1e-2)
 
 
+def test_a_bfloat16_teacher_writes_the_same_labels_to_its_rounding():
+    """`--teacher-dtype bfloat16`: the shard is well formed (top-k + outside sums to 1) and its labels are
+    the float target's up to bfloat16's rounding of weights and activations."""
+    target = tiny_model(0, VOCAB)
+    items = texts(5)
+    want = force_shard(target.float(), items, K, batch_tokens=40)
+    got = force_shard(tiny_model(0, VOCAB).to(torch.bfloat16), items, K, batch_tokens=40)
+    m = int(want["label_offsets"][-1])
+    total = got["topk_logprobs"].float().exp().sum(-1) + got["outside_mass"]
+    assert torch.allclose(total, torch.ones(m), atol=1e-3)
+    same = got["topk_ids"][:, 0] == want["topk_ids"][:, 0]
+    assert same.float().mean() > 0.9
+    gap = (got["topk_logprobs"][:, 0].float() - want["topk_logprobs"][:, 0].float())[same].abs()
+    assert gap.median() < 0.05  # this tiny model's weights are large (scale 0.5): a few positions move more
+
+
 def test_chunked_batched_scoring_matches_one_sequence_at_a_time():
     target = tiny_model(1, VOCAB)
     items = texts(4, seed=3)

@@ -232,6 +232,7 @@ def cmd_distill(args) -> None:
         onpolicy_dir=Path(args.onpolicy_dir) if args.onpolicy_dir else None, shard_prompts=args.shard_rows,
         depth=args.depth, eval_every=args.eval_every,
         grow_from=[int(x) for x in args.grow_from.split(",")] if args.grow_from else None,
+        teacher_dtype=args.teacher_dtype,
     )
     report = run_distill(opts)
     if report:
@@ -372,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grow-from",
                    help="with --init-from: put one more layer on top per target layer named (e.g. 2,3), its residual "
                         "branches zeroed so the grown draft starts where the trained one is")
+    d.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="teacher-force: the target's dtype (bfloat16: ~1.6x faster on CPUs with native bf16)")
     d.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default: 1)")
     d.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (weights and optimizer stay float32; ~2.5x faster on CPUs "

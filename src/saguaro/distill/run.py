@@ -67,6 +67,7 @@ class DistillOptions:
     onpolicy_dir: Path | None = None  # generated shards to re-score (default: the work dir's teacher/)
     depth: int = 3  # drafting steps a feature draft's training unrolls
     grow_from: list[int] | None = None  # with init_from: add one layer per target layer named, on top
+    teacher_dtype: str = "float32"  # the target that scores text in teacher forcing (bfloat16: ~1.6x faster)
 
     def corpora(self) -> dict[str, float]:
         return self.corpus or dict(DEFAULT_CORPUS)
@@ -257,6 +258,12 @@ def run_distill(opts: DistillOptions) -> dict:
     if opts.phase == "teacher-features":
         return {"teacher_features": run_feature_teacher(opts, tokenizer, data_dir, work)}
     if opts.phase == "teacher-force":
+        if opts.teacher_dtype != "float32":
+            # bfloat16 weights and activations: prefill of 2 x 512 tokens at 1 thread ran at 488 tokens/s
+            # against 306 in float32 (AMD EPYC, avx512_bf16); the labels move by bfloat16's rounding, which
+            # the engine's default target has as well
+            target = load_model(opts.target, dtype=getattr(torch, opts.teacher_dtype))
+        log.info("teacher forcing with a %s target", opts.teacher_dtype)
         t0 = time.monotonic()
         pin_stream_settings(work / "forced", {"seed": opts.seed, "window": opts.window})
         stats = run_teacher_force(target, forced_sources(opts, tokenizer, data_dir), work / "forced", opts.top_k)

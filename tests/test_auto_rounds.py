@@ -358,3 +358,37 @@ def test_a_band_with_a_prior_runs_it_first_and_times_the_other_mode_later():
     assert rule.clocks[("sampled", "sd")].rounds == 2
     # the greedy band's prior is SD: it runs first there
     assert rule(1, 0).mode == "sd"
+
+
+def test_paired_ratio_compares_runs_across_each_switch_over_equal_tokens():
+    """AR's last 12 tokens against SD's block of 12 (3 rounds of 4), and the block against AR's first 12
+    after it: drift between the stretches (AR at 10 ms a token, then 13) moves each pair's yardstick."""
+    from saguaro.engine.mode_clocks import PairedRatio
+
+    paired = PairedRatio("sd", cap=12, least=4)
+    for _ in range(30):
+        paired.add("ar", 0.010, 1)
+    for _ in range(3):
+        paired.add("sd", 0.030, 4)  # 7.5 ms a token: 0.75x AR's 10
+    assert not paired.pairs  # the block is paired when it ends (or when the rule closes it)
+    paired.close()
+    assert list(paired.pairs) == [(pytest.approx(0.090), 12, pytest.approx(0.120), 12)]
+    for _ in range(20):
+        paired.add("ar", 0.013, 1)  # the machine slowed down: SD's block is 0.58x of this AR
+    paired.add("sd", 0.030, 4)  # the next switch pairs the block with the AR after it
+    assert len(paired.pairs) == 2 and paired.pairs[1][2] == pytest.approx(0.156)
+    ratio, spread, pairs = paired.estimate()
+    assert pairs == 2 and spread is None
+    assert ratio == pytest.approx((0.090 / 0.010 + 0.090 / 0.013) / 24)
+
+
+def test_a_stalled_round_stays_out_of_the_side_by_side_comparison():
+    rule = MeasuredRounds(speculative="sd", warmup=4, explore_every=1000, explore_tokens=4)
+    for seconds in [0.010] * 5 + [5.0] + [0.010] * 3:  # one AR round preempted for 5 s
+        choice = RoundChoice("ar", "")
+        rule.observe(choice, 1, 0, seconds, 1)
+    for _ in range(5):
+        rule.observe(RoundChoice("sd", ""), 1, 0, 0.016, 2)
+    rule._pairs("greedy").close()
+    (spec_s, spec_n, ar_s, ar_n), = rule.paired["greedy"].pairs
+    assert ar_s / ar_n == pytest.approx(0.010) and spec_s / spec_n == pytest.approx(0.008)

@@ -336,3 +336,28 @@ def test_sharegpt_turn_is_the_templates_answer_after_its_context(tokenizer):
     assert answer == "Blue.<|im_end|>"
     short = render_turn(tokenizer, messages, "Blue.", max_context=8, max_len=10)
     assert short.prompt_length == 8 and len(short.tokens) == 10
+
+
+def test_text_teacher_writes_shards_teacher_forcing_reads_and_resumes(tmp_path, tokenizer):
+    """`--phase teacher-text`: each shard holds its prompts and their continuations as `onpolicy_items`
+    reads them; the sampling parameters follow (seed, shard); a second run continues after the last shard."""
+    from saguaro.distill.text import run_text_teacher, shard_temperature
+
+    calls = []
+
+    def generate(prompts, params):  # a stand-in for the engine: a continuation of length 1 + i % 5
+        calls.append(params)
+        return [[p[-1]] * (1 + i % 5) for i, p in enumerate(prompts)]
+
+    out = tmp_path / "teacher-text"
+    stats = run_text_teacher(generate, tokenizer, out, ["humaneval"], seed=3, shard_prompts=4, max_shards=2)
+    assert stats["shards"] == 2 and stats["new_tokens"] == 2 * (1 + 2 + 3 + 4)
+    texts = [t for _, group in onpolicy_items(out) for t in group]
+    assert len(texts) == 8
+    for i, t in enumerate(texts):
+        assert t.tokens[t.prompt_length :] == [t.tokens[t.prompt_length - 1]] * (1 + i % 4)
+    temps = [shard_temperature(3, index, 0.6) for index in range(2)]
+    assert [c[0].temperature for c in calls] == temps
+    assert len({p.seed for c in calls for p in c}) == 8  # every request its own seed
+    again = run_text_teacher(generate, tokenizer, out, ["humaneval"], seed=3, shard_prompts=4, max_shards=1)
+    assert again["shards"] == 1 and len(shard_paths(out)) == 3

@@ -234,9 +234,28 @@ def cmd_distill(args) -> None:
         grow_from=[int(x) for x in args.grow_from.split(",")] if args.grow_from else None,
         teacher_dtype=args.teacher_dtype,
     )
-    report = run_distill(opts)
+    if opts.phase == "teacher-text":
+        report = _teacher_text(opts, args.threads)
+    else:
+        report = run_distill(opts)
     if report:
         print(json.dumps(report, indent=2))
+
+
+def _teacher_text(opts, threads: int) -> dict:
+    """distill --phase teacher-text: the engine (plain decoding, at --threads) continues train prompts."""
+    from saguaro import LLM
+    from saguaro.distill.run import work_dir
+    from saguaro.distill.text import run_text_teacher
+
+    llm = LLM(opts.target, mode="ar", threads=threads)
+
+    def generate(prompts, params):
+        return [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+
+    return run_text_teacher(generate, llm.tokenizer, work_dir(opts) / "teacher-text", opts.data, opts.seed,
+                            shard_prompts=opts.shard_prompts, max_new_tokens=opts.max_new_tokens,
+                            max_prompt_tokens=opts.max_prompt_tokens, greedy_fraction=opts.greedy_fraction)
 
 
 def cmd_bench(args) -> None:
@@ -343,9 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--layers", help="target layers to initialise the draft from, e.g. 0,1")
     d.add_argument("--head-vocab", type=_positive_int, default=8192, help="draft output vocabulary size")
-    d.add_argument("--phase", choices=["all", "teacher", "teacher-force", "teacher-features", "train", "eval"],
+    d.add_argument("--phase", choices=["all", "teacher", "teacher-text", "teacher-force", "teacher-features", "train",
+                                       "eval"],
                    default="all",
-                   help="teacher: generate on-policy data; teacher-force: the target scores --corpus text; "
+                   help="teacher: generate on-policy data; teacher-text: on-policy text through the engine (re-score "
+                        "it with teacher-force --corpus onpolicy --onpolicy-dir WORK/teacher-text); "
+                        "teacher-force: the target scores --corpus text; "
                         "teacher-features: the same, keeping the bf16 target's hidden states; "
                         "train; eval; all: generate and train in one process (default)")
     d.add_argument("--teacher", choices=["generate", "forced", "features"], default="generate",
@@ -374,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --init-from: put one more layer on top per target layer named (e.g. 2,3), its residual "
                         "branches zeroed so the grown draft starts where the trained one is")
     d.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="teacher-force: the target's dtype (bfloat16: ~1.6x faster on CPUs with native bf16)")
+                   help="teacher and teacher-force: the target's dtype (bfloat16: faster on CPUs with native bf16)")
     d.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default: 1)")
     d.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (weights and optimizer stay float32; ~2.5x faster on CPUs "

@@ -95,7 +95,7 @@ def parse_corpus(text: str) -> dict[str, float]:
     return out
 
 
-def _work_dir(opts: DistillOptions) -> Path:
+def work_dir(opts: DistillOptions) -> Path:
     return opts.work_dir or cache_root() / "distill" / Path(resolve_checkpoint(opts.target)).name
 
 
@@ -243,16 +243,21 @@ def _record(tr: Trainer, opts: DistillOptions) -> dict:
 
 
 def run_distill(opts: DistillOptions) -> dict:
-    work = _work_dir(opts)
+    work = work_dir(opts)
     data_dir, state_dir = work / "teacher", work / "state"
     target = load_model(opts.target)
     tokenizer = Tokenizer.load(resolve_checkpoint(opts.target), target.config.eos_token_ids)
+    if opts.phase == "teacher-text":
+        raise ValueError("--phase teacher-text generates through the engine: run it from `saguaro distill`")
     if opts.phase == "all" and opts.teacher == "forced":
         raise ValueError("--phase all generates its teacher data; run --phase teacher-force and --phase train")
     if opts.phase == "teacher":
         if opts.teacher == "features":  # on-policy text for a feature draft: the engine's own target writes it
             target, weights = feature_target(opts)
             log.info("generating teacher: bfloat16 target, %s weights", weights)
+        elif opts.teacher_dtype != "float32":
+            target = load_model(opts.target, dtype=getattr(torch, opts.teacher_dtype))
+            log.info("generating teacher: %s target", opts.teacher_dtype)
         run_teacher(opts, target, tokenizer, data_dir)
         return {}
     if opts.phase == "teacher-features":

@@ -1,13 +1,21 @@
 """Do mode auto's clocks read what the modes deliver end to end?
 
 One auto SD engine (what `LLM()` runs on a CPU) serves every request, its round rule replaced by a fixed
-one that logs each round: "sd" (every round speculates), "ar" (every round plain), and "alt" (blocks of
-`--block` rounds of each, as auto's re-timing runs them). Modes take turns prompt by prompt. Reported per
-dataset: end-to-end tokens/s of "sd" and "ar" (wall time per request, prefill included), and what clocks
-built from the logged rounds say: all rounds, auto's stall filter (rounds over 2x the median left out),
-and the alternating blocks paired with their neighbours.
+one that logs each round: "sd" (every round speculates), "ar" (every round plain), "alt" (blocks of
+`--block` rounds of each, as auto's re-timing ran them before 27d731e) and "alt-tokens" (blocks of `--block`
+timed tokens, as it runs them now). Schedules take turns prompt by prompt. Reported per dataset: end-to-end
+tokens/s (wall time per request, prefill included), and what clocks built from the logged rounds say: all
+rounds, settled rounds (the first after a switch left out, as auto does), auto's stall filter (rounds over
+2x the median left out), and the alternating blocks paired with their neighbours. The JSON keeps the pure
+SD schedule's rounds (`rounds_log`).
 
-    python benchmarks/auto_clocks.py --temperature 1 --num-prompts 8 --max-tokens 128 --json F
+    python benchmarks/auto_clocks.py --temperature 1 --num-prompts 8 --max-tokens 128 --block 16 --json F
+
+Recorded (docs/results/dec01b/auto_clocks_t{0,1}.json, --block 16): at T = 0 the pure runs' rounds had SD
+at 1.56 / 1.49x AR (HumanEval / ShareGPT), end to end 1.38 / 1.40 (prefill dilutes it); blocks of rounds
+read 1.65 / 1.60, blocks of tokens 1.64 / 1.47. At T = 1: pure rounds 1.06 / 1.04, end to end 1.00 / 1.02,
+blocks of rounds 1.05 / 0.97, of tokens 1.08 / 1.00. One run each: the bias of round blocks (~7%, see
+block_bias.py) is near this machine's run-to-run noise.
 """
 
 from __future__ import annotations

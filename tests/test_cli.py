@@ -60,6 +60,11 @@ def test_bad_input_is_one_line_error(capsys, args, message):
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_distill_grow_without_a_draft_to_grow_is_one_line_error(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "distill", "--out", str(tmp_path / "d"), "--phase", "train", "--grow-from", "2,3")
+    assert code == 2 and "--init-from" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("stops", [["("], ["return", " if"]])
 def test_generate_stop_ends_generation(capsys, embedded, stops):
     """`--stop` (repeatable): generation ends at the first stop string, finish_reason "stop", the text

@@ -220,7 +220,7 @@ def cmd_distill(args) -> None:
 
     torch.set_num_threads(args.threads)
     if args.grow_from and not args.init_from:
-        raise SystemExit("saguaro distill: --grow-from adds layers to a trained draft; give it --init-from")
+        raise UsageError("--grow-from adds layers to a trained draft: give it --init-from")
     opts = DistillOptions(
         target=args.target or str(embedded_target_path()), out=Path(args.out),
         data=args.data.split(","), tokens=args.tokens, seed=args.seed,

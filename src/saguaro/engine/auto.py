@@ -96,8 +96,8 @@ class MeasuredRounds:
     # favoured sampled SD by 5-20% where it ran at 0.93-1.00x AR end to end (T = 1, 2026-12-01,
     # docs/results/dec01/); with the shipped draft sampled SD never measured more than 1.07x AR.
     speculation_margin: float = 0.25
-    # the standard error of the side-by-side log ratio taken below 3 pairs (one pair of 12-16 sampled
-    # tokens read SD anywhere in 0.8-1.25x AR)
+    # the standard error of the side-by-side log ratio taken below 3 pairs (pairs of 12 sampled tokens read
+    # SD at 0.85-1.15x AR in one run at T = 0.7 where it ran at ~0.98x end to end)
     unknown_spread: float = 0.2
     speculative: str = "ssd"  # the mode weighed against AR: "ssd", or "sd" for an SD engine
     # per band, the mode that runs until the other measures its margin faster (what recorded runs found

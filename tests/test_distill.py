@@ -82,3 +82,22 @@ def test_a_grown_draft_starts_as_the_trained_one_and_learns_its_new_layers(tmp_p
     for _ in range(3):
         tr.train_step()
     assert tr.draft.layers[3].mlp.down.weight.abs().sum() > 0  # the new branches learn
+
+
+def test_sigterm_stops_training_at_a_step_with_its_state_saved(tmp_path):
+    """`kill PID` at the end of a session: the run ends after the step it is in, saves its state there, and
+    a resumed trainer starts at that step (not at the last 5-minute save); the handler is put back."""
+    import os
+    import signal
+
+    tr = trainer(tmp_path, bf16=False)
+
+    def on_step(t, loss):
+        if t.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    tr.run(tr.tokens_seen + 20 * ROWS * LENGTH, save_every_s=1e9, on_step=on_step)  # 20+ steps unstopped
+    assert tr.step == 3 and signal.getsignal(signal.SIGTERM) is before
+    again = trainer(tmp_path, bf16=False)
+    assert again.load_state() and again.step == 3

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -277,7 +279,21 @@ class Trainer:
         """Train until max_tokens. max_epochs: wait for the teacher's next shard whenever this run has
         trained on max_epochs times the teacher tokens there are (a fast trainer would overfit them)."""
         last_save, start = time.monotonic(), self.tokens_seen
-        while self.tokens_seen < max_tokens:
+        self.stop_requested = False
+        restore = None
+        if threading.current_thread() is threading.main_thread():
+            # `kill PID` (SIGTERM) ends the run at the next step boundary with its state saved, so a run
+            # stopped at the end of a session resumes exactly where it was, not at its last 5-minute save
+            restore = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_requested", True))
+        try:
+            self._run(max_tokens, save_every_s, on_step, max_epochs, start, last_save)
+        finally:
+            if restore is not None:
+                signal.signal(signal.SIGTERM, restore)
+        self.save_state()
+
+    def _run(self, max_tokens, save_every_s, on_step, max_epochs, start, last_save) -> None:
+        while self.tokens_seen < max_tokens and not self.stop_requested:
             rows = self.refresh_shards()
             if rows == 0 or self.data_exhausted(start, max_epochs):
                 time.sleep(10)
@@ -290,4 +306,5 @@ class Trainer:
             if time.monotonic() - last_save > save_every_s:
                 self.save_state()
                 last_save = time.monotonic()
-        self.save_state()
+        if self.stop_requested:
+            log.info("stopping at step %d (SIGTERM); saving its state", self.step)

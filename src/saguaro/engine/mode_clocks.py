@@ -10,9 +10,9 @@ Two measurements, because a round's time moves for two reasons the rule must not
   the modes'; two runs side by side share the machine's speed of that moment.
 
 Runs are compared over equal numbers of tokens, not rounds: a speculative round covers 1 to K+1 tokens,
-so a block of N speculative rounds covers more of the easy text than of the hard, and read speculation
-faster than it runs (replayed from a pure SD run at T = 0: blocks of 9 rounds read it 5-6% faster;
-`benchmarks/auto_clocks.py`).
+so a block of N speculative rounds covers more of the easy text than of the hard, and reads speculation
+faster than it runs (`benchmarks/block_bias.py`, synthetic text: blocks of rounds ~7% fast, blocks of
+tokens 1-1.6%).
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ class ModeClock:
         many own rounds replace it: one own round of a speculative mode (1 to K+1 tokens) is too noisy."""
         self.samples.clear()
         self.memory = (seconds_per_token * weight, weight)
-        self._per_token = None
+        self._per_token = self._typical = None
 
     @property
     def per_token_s(self) -> float | None:
         if self._per_token is None and (self.samples or self.memory):
             kept = [self.memory] if self.memory else []
             if self.samples:
-                limit = STALL_FACTOR * statistics.median(sec for sec, _ in self.samples)
+                limit = STALL_FACTOR * self.typical_round_s
                 kept += [(sec, n) for sec, n in self.samples if sec <= limit]
             self._per_token = sum(sec for sec, _ in kept) / sum(n for _, n in kept)
         return self._per_token

@@ -139,6 +139,18 @@ def make_forced_batch(shards: list[dict[str, torch.Tensor]], files: list[Path], 
     return tokens, ids, probs, outside, weight
 
 
+def pack_rows(tokens: torch.Tensor, lengths: list[int], weight: torch.Tensor):
+    """A right-padded batch (tokens [n, width], row i real up to lengths[i], labels where weight > 0) as one
+    packed row: (tokens [1, sum(lengths)], packed index of each labelled position [M], the [n, width] bool
+    that picks the same positions, in the same order, out of the padded label tensors)."""
+    width = tokens.shape[1]
+    real = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+    labelled = (weight > 0) & real
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    wanted = (starts[:, None] + torch.arange(width)[None])[labelled]
+    return tokens[real][None], wanted, labelled
+
+
 class Trainer:
     def __init__(self, draft: CausalLM, data_dir: Path | dict[Path, float], state_dir: Path, seed: int,
                  lr: float = 5e-4, batch_size: int = 8, max_len: int = 640, warmup: int = 100, bf16: bool = False):
@@ -246,16 +258,25 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def next_batch(self):
         """This step's loss weights, the draft's forward on its inputs, and the loss of that forward's output
-        (by the data's kind)."""
+        (by the data's kind). The rows are packed end to end, and the head runs only where a label is: the
+        loss is the padded batch's, for about half the compute (`pack_rows`)."""
         rows = self.next_rows()
         if self.forced:
             tokens, ids, probs, outside, weight = make_forced_batch(self._shards, self._shard_files, rows,
                                                                     self.max_len)
-            return weight, lambda m: m.forward_train(tokens), lambda out: tail_loss(
-                out.float(), ids, probs, outside, weight, self.index)
-        tokens, ids, logits, weight = make_batch(self._shards, rows, self.max_len)
-        return weight, lambda m: m.forward_train(tokens), lambda out: distill_loss(
-            out.float(), ids, logits, weight, self.index)
+        else:
+            tokens, ids, logits, weight = make_batch(self._shards, rows, self.max_len)
+        lengths = [min(int(self._shards[s]["ends"][r]), tokens.shape[1]) for s, r in rows]
+        packed, wanted, labelled = pack_rows(tokens, lengths, weight)
+
+        def forward(m):
+            return m.forward_train(packed, tuple(lengths), wanted)
+
+        if self.forced:
+            return weight, forward, lambda out: tail_loss(
+                out.float(), ids[labelled], probs[labelled], outside[labelled], weight[labelled], self.index)
+        return weight, forward, lambda out: distill_loss(
+            out.float(), ids[labelled], logits[labelled], weight[labelled], self.index)
 
     def train_step(self) -> float:
         weight, forward, loss_of = self.next_batch()

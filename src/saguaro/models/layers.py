@@ -10,7 +10,7 @@ from torch import nn
 
 from saguaro.config import ModelConfig
 from saguaro.kv_cache import KVCache
-from saguaro.models.attention import sdpa, write_and_attend
+from saguaro.models.attention import causal_attention, write_and_attend
 from saguaro.models.linear import Linear
 
 
@@ -106,8 +106,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache, slots, mask):
         b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        if cache is None:  # training: the whole sequence at once, causal
-            out = sdpa(q, k, v, mask)
+        if cache is None:  # training: causal over the whole rows, or within packed sequences of lengths `mask`
+            out = causal_attention(q, k, v, mask)
         else:
             # saguaro's C++ attention where it applies (a few queries: batched decoding, verification), as
             # in the compiled step; else the cache write and torch's attention

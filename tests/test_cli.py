@@ -65,6 +65,11 @@ def test_distill_grow_without_a_draft_to_grow_is_one_line_error(capsys, tmp_path
     assert code == 2 and "--init-from" in err and len(err.strip().splitlines()) == 1
 
 
+def test_distill_anneal_outside_training_is_one_line_error(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "distill", "--out", str(tmp_path / "d"), "--phase", "teacher", "--anneal", "50")
+    assert code == 2 and "--phase train" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("stops", [["("], ["return", " if"]])
 def test_generate_stop_ends_generation(capsys, embedded, stops):
     """`--stop` (repeatable): generation ends at the first stop string, finish_reason "stop", the text

@@ -101,3 +101,61 @@ def test_sigterm_stops_training_at_a_step_with_its_state_saved(tmp_path):
     assert tr.step == 3 and signal.getsignal(signal.SIGTERM) is before
     again = trainer(tmp_path, bf16=False)
     assert again.load_state() and again.step == 3
+
+
+def test_an_anneal_lowers_the_rate_to_zero_and_ends_the_run_there(tmp_path):
+    tr = trainer(tmp_path, bf16=False)
+    for _ in range(2):
+        tr.train_step()
+    tr.anneal = (tr.step, 4)
+    rates = [tr.lr_at(step) for step in range(tr.step, tr.step + 4)]
+    assert rates == sorted(rates, reverse=True) and rates[0] < tr.lr and rates[-1] == pytest.approx(tr.lr / 5)
+    tr.run(tr.tokens_seen + 100 * ROWS * LENGTH, save_every_s=1e9)  # ends at the anneal, far before its tokens
+    assert tr.step == 6 and tr.annealed()
+    again = trainer(tmp_path, bf16=False)
+    assert again.load_state() and again.anneal == (2, 4)  # a resumed anneal keeps its line
+    # negative control: without an anneal the rate stays where warm-up left it
+    assert trainer(tmp_path / "plain", bf16=False).lr_at(50) == tr.lr
+
+
+def test_an_anneal_branches_off_the_run_and_leaves_its_state_alone(tmp_path):
+    from saguaro.distill.run import DistillOptions, start_trainer
+
+    tr = trainer(tmp_path, bf16=False)
+    for _ in range(3):
+        tr.train_step()
+    tr.save_state()
+    saved = {f.name: f.read_bytes() for f in (tmp_path / "state").iterdir()}
+    opts = DistillOptions(target="unused", out=tmp_path / "out", data=[], tokens=10**6, anneal=2)
+    branch = trainer(tmp_path, bf16=False)
+    start_trainer(branch, opts)
+    assert branch.state_dir == tmp_path / "state-anneal" and (branch.step, branch.anneal) == (3, (3, 2))
+    for (name, p), q in zip(tr.draft.named_parameters(), branch.draft.parameters()):
+        assert torch.equal(p, q), name
+    branch.run(branch.tokens_seen + 100 * ROWS * LENGTH, save_every_s=1e9)
+    assert branch.step == 5
+    assert {f.name: f.read_bytes() for f in (tmp_path / "state").iterdir()} == saved  # the run's state untouched
+    resumed = trainer(tmp_path, bf16=False)
+    start_trainer(resumed, opts)  # a restarted anneal resumes its own state, on its own line
+    assert (resumed.step, resumed.anneal, resumed.annealed()) == (5, (3, 2), True)
+    # negative control: without --anneal the same start resumes the run itself, at step 3
+    plain = trainer(tmp_path, bf16=False)
+    start_trainer(plain, DistillOptions(target="unused", out=tmp_path / "out", data=[], tokens=10**6))
+    assert (plain.state_dir, plain.step, plain.anneal) == (tmp_path / "state", 3, None)
+
+
+def test_t1_references_are_kept_and_reread_for_the_same_target_shard_and_head(tmp_path, monkeypatch):
+    from saguaro.distill import run
+
+    target = tiny_model(1, VOCAB, layers=2)
+    draft = tiny_model(3, VOCAB, output_token_ids=HEAD)
+    shards = {"humaneval": teacher_shard()}
+    first = run.t1_references(target, draft, shards, tmp_path)
+    monkeypatch.setattr(run, "target_probs", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = run.t1_references(target, draft, shards, tmp_path)
+    assert len(again["humaneval"]) == len(first["humaneval"]) == ROWS
+    assert all(torch.equal(a, b) for a, b in zip(again["humaneval"], first["humaneval"]))
+    # negative control: another head is another reference, computed anew
+    other = tiny_model(3, VOCAB, output_token_ids=HEAD[:-1])
+    with pytest.raises(AssertionError, match="recomputed"):
+        run.t1_references(target, other, shards, tmp_path)

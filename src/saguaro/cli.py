@@ -219,6 +219,8 @@ def cmd_distill(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.anneal and args.phase != "train":
+        raise UsageError("--anneal continues a run's training: give it --phase train")
     if args.grow_from and not args.init_from:
         raise UsageError("--grow-from adds layers to a trained draft: give it --init-from")
     opts = DistillOptions(
@@ -232,7 +234,7 @@ def cmd_distill(args) -> None:
         onpolicy_dir=Path(args.onpolicy_dir) if args.onpolicy_dir else None, shard_prompts=args.shard_rows,
         depth=args.depth, eval_every=args.eval_every,
         grow_from=[int(x) for x in args.grow_from.split(",")] if args.grow_from else None,
-        teacher_dtype=args.teacher_dtype,
+        teacher_dtype=args.teacher_dtype, anneal=args.anneal,
     )
     if opts.phase == "teacher-text":
         report = _teacher_text(opts, args.threads)
@@ -401,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (weights and optimizer stay float32; ~2.5x faster on CPUs "
                         "with native bf16)")
+    d.add_argument("--anneal", type=_positive_int, metavar="STEPS",
+                   help="train: branch off the run's saved state (into WORK/state-anneal; the run itself goes on "
+                        "untouched), the learning rate falling linearly from --lr to zero over STEPS steps, then "
+                        "stop and write --out")
     d.add_argument("--max-epochs", type=float,
                    help="in this run, train on at most this many passes over the teacher data, then wait for more")
     d.set_defaults(func=cmd_distill)

@@ -10,6 +10,7 @@ two cores.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from saguaro.distill import draft as draft_lib
@@ -68,6 +70,7 @@ class DistillOptions:
     depth: int = 3  # drafting steps a feature draft's training unrolls
     grow_from: list[int] | None = None  # with init_from: add one layer per target layer named, on top
     teacher_dtype: str = "float32"  # the teacher phases' target (teacher, teacher-force; bfloat16: ~1.6x faster)
+    anneal: int | None = None  # train: branch off the run's state, lr falling to 0 over this many steps, then stop
 
     def corpora(self) -> dict[str, float]:
         return self.corpus or dict(DEFAULT_CORPUS)
@@ -168,16 +171,30 @@ def eval_shards(opts, target, tokenizer, data_dir: Path) -> dict[str, dict]:
             prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
             prompts = [p for p in prompts if len(p) <= opts.max_prompt_tokens]
             shard = generate_shard(target, prompts, 128, tokenizer.stop_token_ids, 0.0, torch.Generator())
-            from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in shard.items()}, str(path))
         out[dataset] = read_shard(path)
     return out
 
 
-def t1_references(target, draft, shards: dict[str, dict]) -> dict[str, list]:
-    """The target's distributions the T=1 acceptance compares the draft with, once per run."""
+def t1_references(target, draft, shards: dict[str, dict], cache_dir: Path | None = None) -> dict[str, list]:
+    """The target's distributions the T=1 acceptance compares the draft with, once per run, kept in
+    `cache_dir` (a restarted run spent 15 minutes of a loaded core recomputing them)."""
     t0 = time.monotonic()
-    refs = {name: target_probs(target, shard, draft.output_token_ids) for name, shard in shards.items()}
+    refs = {}
+    for name, shard in shards.items():
+        key = hashlib.blake2b(digest_size=8)
+        for tensor in (target.embed.weight, target.norm.weight, shard["tokens"], shard["ends"],
+                       shard["prompt_lengths"], draft.output_token_ids):
+            if tensor is not None:
+                key.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        path = cache_dir / f"eval-t1-{name}-{key.hexdigest()}.safetensors" if cache_dir else None
+        if path is not None and path.is_file():
+            rows = load_file(str(path))
+            refs[name] = [rows[str(i)] for i in range(len(rows))]
+            continue
+        refs[name] = target_probs(target, shard, draft.output_token_ids)
+        if path is not None:
+            save_file({str(i): p.contiguous() for i, p in enumerate(refs[name])}, str(path))
     log.info("target distributions for the T=1 evaluation in %.0fs", time.monotonic() - t0)
     return refs
 
@@ -187,7 +204,7 @@ def draft_evaluator(opts: DistillOptions, target: CausalLM, draft: CausalLM, eva
 
     A feature draft is given the states of the target as the engine runs it (`feature_target`)."""
     if not isinstance(draft, FeatureDraft):
-        refs = t1_references(target, draft, evals)
+        refs = t1_references(target, draft, evals, work_dir(opts) / "teacher")
         return lambda d: evaluate(d, evals, refs)
     fast_target, _ = feature_target(opts)
     t0 = time.monotonic()
@@ -239,7 +256,29 @@ def _record(tr: Trainer, opts: DistillOptions) -> dict:
         rec["init_from"] = json.loads((Path(opts.init_from) / "config.json").read_text()).get("saguaro_distill")
     if opts.grow_from:
         rec["grown_from_target_layers"] = opts.grow_from
+    if tr.anneal is not None:
+        rec["anneal"] = {"from_step": tr.anneal[0], "steps": tr.anneal[1]}
     return rec
+
+
+def start_trainer(trainer: Trainer, opts: DistillOptions) -> None:
+    """Resume the run from its saved state, or start it from `opts.init_from`. An anneal branches off the
+    run: its own state (`state-anneal` beside the run's), started from the run's, which it leaves alone."""
+    run_state = trainer.state_dir
+    if opts.anneal:
+        trainer.state_dir = run_state.with_name("state-anneal")
+    if trainer.load_state():
+        log.info("resumed at step %d (%d tokens)", trainer.step, trainer.tokens_seen)
+    elif opts.anneal and trainer.load_state(run_state):
+        trainer.anneal = (trainer.step, opts.anneal)
+        log.info("annealing from the run's step %d over %d steps", trainer.step, opts.anneal)
+    elif opts.init_from is not None:
+        meta = json.loads((Path(opts.init_from) / "config.json").read_text()).get("saguaro_distill", {})
+        trainer.step, trainer.tokens_seen = meta.get("step", 0), meta.get("tokens_seen", 0)
+        trainer.warmup_from = trainer.step
+        log.info("starting from %s at step %d (%d tokens)", opts.init_from, trainer.step, trainer.tokens_seen)
+    if opts.anneal and trainer.anneal is None:  # no run to branch from: anneal what training starts from
+        trainer.anneal = (trainer.step, opts.anneal)
 
 
 def run_distill(opts: DistillOptions) -> dict:
@@ -285,13 +324,7 @@ def run_distill(opts: DistillOptions) -> dict:
     trainer_class = partial(FeatureTrainer, depth=opts.depth) if opts.teacher == "features" else Trainer
     trainer = trainer_class(draft, train_sources(opts, work), state_dir, opts.seed, lr=opts.lr,
                             batch_size=opts.batch_size, bf16=opts.bf16)
-    if trainer.load_state():
-        log.info("resumed at step %d (%d tokens)", trainer.step, trainer.tokens_seen)
-    elif opts.init_from is not None:
-        meta = json.loads((Path(opts.init_from) / "config.json").read_text()).get("saguaro_distill", {})
-        trainer.step, trainer.tokens_seen = meta.get("step", 0), meta.get("tokens_seen", 0)
-        trainer.warmup_from = trainer.step
-        log.info("starting from %s at step %d (%d tokens)", opts.init_from, trainer.step, trainer.tokens_seen)
+    start_trainer(trainer, opts)
     evaluate_draft = draft_evaluator(opts, target, draft, evals)
     bar = tqdm(total=opts.tokens, initial=trainer.tokens_seen, unit="tok", desc="distill")
     report: dict = {}

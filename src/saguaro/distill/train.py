@@ -167,6 +167,8 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         self.warmup_from = 0  # fresh optimizer moments warm up again from this step
         self.wall_s = 0.0  # training wall time, summed over resumed runs
+        # (first step, steps): the learning rate falls linearly to zero over these steps, and the run ends there
+        self.anneal: tuple[int, int] | None = None
         self._shards: list[dict[str, torch.Tensor]] = []
         self._shard_files: list[Path] = []
         self._shard_source: list[int] = []  # which of self.sources each shard came from
@@ -187,10 +189,12 @@ class Trainer:
         tmp.rename(self.state_dir / "train_state.safetensors")
         (self.state_dir / "train_state.json").write_text(
             json.dumps({"step": self.step, "tokens_seen": self.tokens_seen, "seed": self.seed,
-                        "wall_s": self.wall_s}))
+                        "wall_s": self.wall_s, "anneal": self.anneal}))
 
-    def load_state(self) -> bool:
-        f = self.state_dir / "train_state.safetensors"
+    def load_state(self, state_dir: Path | None = None) -> bool:
+        """Resume from this run's saved state, or from another run's in `state_dir` (an anneal's start)."""
+        state_dir = state_dir or self.state_dir
+        f = state_dir / "train_state.safetensors"
         if not f.is_file():
             return False
         tensors = load_file(str(f))
@@ -204,9 +208,10 @@ class Trainer:
                 self.opt.state[p] = {"exp_avg": tensors[f"adam.{i}.exp_avg"],
                                      "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"],
                                      "step": tensors[f"adam.{i}.step"][0].clone()}
-        meta = json.loads((self.state_dir / "train_state.json").read_text())
+        meta = json.loads((state_dir / "train_state.json").read_text())
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.wall_s = meta.get("wall_s", 0.0)
+        self.anneal = tuple(meta["anneal"]) if meta.get("anneal") else None
         return True
 
     # ------------------------------------------------------------------ data
@@ -278,9 +283,21 @@ class Trainer:
         return weight, forward, lambda out: distill_loss(
             out.float(), ids[labelled], logits[labelled], weight[labelled], self.index)
 
+    def lr_at(self, step: int) -> float:
+        """Warm-up from `warmup_from`, then constant; under an anneal, falling linearly to zero at its end
+        (the step past the last gets lr 0, so the last step taken moves the weights a little)."""
+        lr = self.lr * min(1.0, (step + 1 - self.warmup_from) / self.warmup)
+        if self.anneal is not None:
+            first, steps = self.anneal
+            lr *= max(0.0, 1.0 - (step - first + 1) / (steps + 1))
+        return lr
+
+    def annealed(self) -> bool:
+        return self.anneal is not None and self.step >= self.anneal[0] + self.anneal[1]
+
     def train_step(self) -> float:
         weight, forward, loss_of = self.next_batch()
-        lr = self.lr * min(1.0, (self.step + 1 - self.warmup_from) / self.warmup)
+        lr = self.lr_at(self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.draft.train()
@@ -314,7 +331,7 @@ class Trainer:
         self.save_state()
 
     def _run(self, max_tokens, save_every_s, on_step, max_epochs, start, last_save) -> None:
-        while self.tokens_seen < max_tokens and not self.stop_requested:
+        while self.tokens_seen < max_tokens and not self.stop_requested and not self.annealed():
             rows = self.refresh_shards()
             if rows == 0 or self.data_exhausted(start, max_epochs):
                 time.sleep(10)

@@ -361,3 +361,41 @@ def test_text_teacher_writes_shards_teacher_forcing_reads_and_resumes(tmp_path, 
     assert len({p.seed for c in calls for p in c}) == 8  # every request its own seed
     again = run_text_teacher(generate, tokenizer, out, ["humaneval"], seed=3, shard_prompts=4, max_shards=1)
     assert again["shards"] == 1 and len(shard_paths(out)) == 3
+
+
+def test_teacher_forcing_scores_text_written_after_its_corpus_ran_dry(tmp_path, monkeypatch):
+    """The on-policy corpus grows while the teacher runs: a dry stream is opened again on its next turn, and a
+    followed corpus is waited for until nothing new comes (a dry stream used to be dropped for good)."""
+    from saguaro.distill import forced
+
+    target = tiny_model(0, VOCAB)
+    growing = texts(2, seed=5)
+    later = texts(2, seed=6)
+    fixed = texts(4, seed=7)
+    naps = []
+
+    def nap(seconds):  # the text teacher writes its next shard while this one waits
+        naps.append(seconds)
+        growing.extend(later if len(naps) == 1 else [])
+
+    monkeypatch.setattr(forced.time, "sleep", nap)
+    sources = {"onpolicy": source(growing, 1), "python": source(fixed, 1)}
+    stats = run_teacher_force(target, sources, tmp_path / "followed", K, follow={"onpolicy"}, poll_s=1.0,
+                              max_shards=8)
+    assert stats["onpolicy"]["shards"] == 4 and stats["python"]["shards"] == 4 and naps == [1.0]
+    # a followed corpus with nothing new for follow_idle_s ends the run
+    assert run_teacher_force(target, sources, tmp_path / "idle", K, follow={"onpolicy"}, follow_idle_s=0.0,
+                             )["onpolicy"]["shards"] == 4 and naps == [1.0]
+    # negative control: not followed, the on-policy corpus ends at what was there when it ran dry
+    growing[:] = texts(2, seed=5)
+    naps.clear()
+    stats = run_teacher_force(target, sources, tmp_path / "unfollowed", K)
+    assert stats["onpolicy"]["shards"] == 2 and naps == []
+
+
+def test_teacher_forcing_scores_corpora_in_proportion_to_their_weights(tmp_path):
+    target = tiny_model(0, VOCAB)
+    items = {"a": texts(12, seed=1), "b": texts(12, seed=2)}
+    sources = {name: source(x, 1) for name, x in items.items()}
+    stats = run_teacher_force(target, sources, tmp_path, K, weights={"a": 3.0, "b": 1.0}, max_shards=8)
+    assert (stats["a"]["shards"], stats["b"]["shards"]) == (6, 2)

@@ -190,37 +190,71 @@ def resume_cursor(data_dir: Path) -> int:
 
 def run_teacher_force(target: CausalLM, sources: dict[str, Callable[[int], Iterator[tuple[int, list[Text]]]]],
                       out_dir: Path, k: int = TOP_K, batch_tokens: int = 4096,
-                      max_shards: int | None = None, make_shard=None) -> dict[str, dict]:
-    """Write shards of every corpus, one of each in turn, until all are done (or `max_shards` in all).
+                      max_shards: int | None = None, make_shard=None, weights: dict[str, float] | None = None,
+                      follow: set[str] = frozenset(), poll_s: float = 30.0,
+                      follow_idle_s: float = 900.0) -> dict[str, dict]:
+    """Write shards of every corpus in turn, `weights[name]` shards of it a turn on average (default 1), until
+    all are done (or `max_shards` in all).
 
     sources[name](cursor) yields that corpus's (next cursor, texts) groups from item `cursor` on
-    (`corpora.grouped`); a corpus resumes at the cursor of the last shard its directory holds.
+    (`corpora.grouped`); a corpus resumes at the cursor of the last shard its directory holds. A corpus that
+    runs dry is opened again at its cursor on its next turn, so text written meanwhile (the engine's
+    on-policy text, beside this) is scored; while one of `follow` has nothing new, the run looks again every
+    `poll_s`, and ends once nothing new has come for `follow_idle_s`. (A stream that ran dry once used to be
+    dropped for good: the on-policy corpus stopped at 5 shards while 21 more shards of text were written.)
     make_shard(target, texts, k, batch_tokens): what a shard holds (default `force_shard`).
     """
     make_shard = make_shard or force_shard
-    streams = {name: groups(resume_cursor(out_dir / name)) for name, groups in sources.items()}
-    written = 0
+    weights = {name: (weights or {}).get(name, 1.0) for name in sources}
+
+    def reopen(name: str):
+        return sources[name](resume_cursor(out_dir / name))
+
+    streams = {name: reopen(name) for name in sources if weights[name] > 0}
+    credit = dict.fromkeys(streams, 0.0)
+    written, last_new = 0, time.monotonic()
     bar = tqdm(unit="tok", desc="teacher forcing", disable=max_shards is not None)
     while streams and (max_shards is None or written < max_shards):
+        wrote_this_turn = 0
         for name in list(streams):
-            cursor, texts = next(streams[name], (None, None))
-            if texts is None:
-                del streams[name]
-                continue
-            index = len(shard_paths(out_dir / name))
-            t0 = time.monotonic()
-            shard = make_shard(target, texts, k, batch_tokens)
-            wall = time.monotonic() - t0
-            scored, labelled = int(shard["ends"].sum()), int(shard["label_offsets"][-1])
-            write_shard(out_dir / name, index, shard, metadata={
-                "corpus": name, "cursor": str(cursor), "wall_s": f"{wall:.3f}", "scored_tokens": str(scored),
-                "labelled_tokens": str(labelled), "k": str(k)})
-            bar.update(scored)
-            log.info("%s shard %d: %d sequences, %d tokens (%d labelled) in %.1fs: %.0f tokens/s, %.0f labelled/s",
-                     name, index, len(shard["ends"]), scored, labelled, wall, scored / max(wall, 1e-9),
-                     labelled / max(wall, 1e-9))
-            written += 1
-            if max_shards is not None and written >= max_shards:
+            credit[name] += weights[name]
+            while credit[name] >= 1.0 and (max_shards is None or written < max_shards):
+                cursor, texts = next(streams[name], (None, None))
+                if texts is None:  # dry: open it again where it stopped, for what was written since
+                    streams[name] = reopen(name)
+                    cursor, texts = next(streams[name], (None, None))
+                if texts is None:
+                    credit[name] = 0.0
+                    if name not in follow:
+                        del streams[name]
+                    break
+                credit[name] -= 1.0
+                _write_forced(target, make_shard, name, cursor, texts, out_dir, k, batch_tokens, bar)
+                written, wrote_this_turn = written + 1, wrote_this_turn + 1
+        if wrote_this_turn:
+            last_new = time.monotonic()
+        elif streams:  # only followed corpora are left, with nothing new
+            if time.monotonic() - last_new >= follow_idle_s:
+                log.info("no new text for %s in %.0fs: done", sorted(streams), follow_idle_s)
                 break
+            if time.monotonic() - last_new < poll_s:
+                log.info("waiting for new text for %s (up to %.0fs)", sorted(streams), follow_idle_s)
+            time.sleep(poll_s)
     bar.close()
     return {name: corpus_stats(out_dir / name) for name in sources}
+
+
+def _write_forced(target, make_shard, name: str, cursor: int, texts: list[Text], out_dir: Path, k: int,
+                  batch_tokens: int, bar) -> None:
+    index = len(shard_paths(out_dir / name))
+    t0 = time.monotonic()
+    shard = make_shard(target, texts, k, batch_tokens)
+    wall = time.monotonic() - t0
+    scored, labelled = int(shard["ends"].sum()), int(shard["label_offsets"][-1])
+    write_shard(out_dir / name, index, shard, metadata={
+        "corpus": name, "cursor": str(cursor), "wall_s": f"{wall:.3f}", "scored_tokens": str(scored),
+        "labelled_tokens": str(labelled), "k": str(k)})
+    bar.update(scored)
+    log.info("%s shard %d: %d sequences, %d tokens (%d labelled) in %.1fs: %.0f tokens/s, %.0f labelled/s",
+             name, index, len(shard["ends"]), scored, labelled, wall, scored / max(wall, 1e-9),
+             labelled / max(wall, 1e-9))

@@ -308,7 +308,9 @@ def run_distill(opts: DistillOptions) -> dict:
         log.info("teacher forcing with a %s target", opts.teacher_dtype)
         t0 = time.monotonic()
         pin_stream_settings(work / "forced", {"seed": opts.seed, "window": opts.window})
-        stats = run_teacher_force(target, forced_sources(opts, tokenizer, data_dir), work / "forced", opts.top_k)
+        # the corpus weights steer the teacher too, and engine text still being written is waited for
+        stats = run_teacher_force(target, forced_sources(opts, tokenizer, data_dir), work / "forced", opts.top_k,
+                                  weights=opts.corpora(), follow={"onpolicy"} & set(opts.corpora()))
         log.info("teacher forcing done in %.0fs: %s", time.monotonic() - t0, stats)
         return {"teacher_force": stats}
     evals = eval_shards(opts, target, tokenizer, data_dir)

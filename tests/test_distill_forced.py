@@ -200,13 +200,31 @@ def test_tail_loss_descent_reaches_the_teacher_buckets():
 
 
 # --------------------------------------------------------------------------------------------- trainer
-def forced_trainer(tmp_path, weights: dict[str, float]) -> Trainer:
+def forced_trainer(tmp_path, weights: dict[str, float], loss: str = "tail") -> Trainer:
     target = tiny_model(0, VOCAB)
     sources = {name: source(texts(12, seed=i), 6) for i, name in enumerate(weights)}
-    run_teacher_force(target, sources, tmp_path / "forced", K)
+    if not (tmp_path / "forced").is_dir():
+        run_teacher_force(target, sources, tmp_path / "forced", K)
     draft = tiny_model(3, VOCAB, output_token_ids=HEAD).float()
     return Trainer(draft, {tmp_path / "forced" / n: w for n, w in weights.items()}, tmp_path / "state", seed=0,
-                   lr=1e-2, batch_size=6, warmup=1)
+                   lr=1e-2, batch_size=6, warmup=1, loss=loss)
+
+
+def test_the_topk_loss_on_forced_shards_is_the_generated_shards_loss_over_the_stored_topk(tmp_path):
+    """--loss topk: the soft cross-entropy over the top-k renormalised on the head, which leaves the tail out;
+    it learns, and it is not the tail loss (negative control: on the same batch the two differ)."""
+    tr = forced_trainer(tmp_path, {"a": 1.0}, loss="topk")
+    tr.refresh_shards()
+    weight, forward, loss_of = tr.next_batch()
+    out = forward(tr.draft)
+    topk = loss_of(out)
+    tail = forced_trainer(tmp_path, {"a": 1.0}, loss="tail")
+    tail.refresh_shards()
+    assert not torch.isclose(topk, tail.next_batch()[2](out))
+    losses = [tr.train_step() for _ in range(25)]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    with pytest.raises(ValueError, match="loss must be one of"):
+        forced_trainer(tmp_path, {"a": 1.0}, loss="kl")
 
 
 def test_trainer_learns_from_forced_shards_and_resumes(tmp_path):

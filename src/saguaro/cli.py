@@ -234,7 +234,7 @@ def cmd_distill(args) -> None:
         onpolicy_dir=Path(args.onpolicy_dir) if args.onpolicy_dir else None, shard_prompts=args.shard_rows,
         depth=args.depth, eval_every=args.eval_every,
         grow_from=[int(x) for x in args.grow_from.split(",")] if args.grow_from else None,
-        teacher_dtype=args.teacher_dtype, anneal=args.anneal,
+        teacher_dtype=args.teacher_dtype, anneal=args.anneal, loss=args.loss,
     )
     if opts.phase == "teacher-text":
         report = _teacher_text(opts, args.threads)
@@ -407,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: branch off the run's saved state (into WORK/state-anneal; the run itself goes on "
                         "untouched), the learning rate falling linearly from --lr to zero over STEPS steps, then "
                         "stop and write --out")
+    d.add_argument("--loss", choices=["tail", "topk"], default="tail",
+                   help="training on teacher-forced data: the top-k plus the mass outside it (tail, default), or "
+                        "the top-k alone, renormalised on the draft's head (topk, as on generated shards)")
     d.add_argument("--max-epochs", type=float,
                    help="in this run, train on at most this many passes over the teacher data, then wait for more")
     d.set_defaults(func=cmd_distill)

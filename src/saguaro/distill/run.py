@@ -71,6 +71,7 @@ class DistillOptions:
     grow_from: list[int] | None = None  # with init_from: add one layer per target layer named, on top
     teacher_dtype: str = "float32"  # the teacher phases' target (teacher, teacher-force; bfloat16: ~1.6x faster)
     anneal: int | None = None  # train: branch off the run's state, lr falling to 0 over this many steps, then stop
+    loss: str = "tail"  # on teacher-forced data: "tail" (top-k plus the tail's mass) or "topk" (top-k only)
 
     def corpora(self) -> dict[str, float]:
         return self.corpus or dict(DEFAULT_CORPUS)
@@ -251,6 +252,7 @@ def _record(tr: Trainer, opts: DistillOptions) -> dict:
            "train_wall_s": round(tr.wall_s), "bf16_autocast": opts.bf16, "teacher": opts.teacher}
     if opts.teacher == "forced":
         rec["corpus"] = opts.corpora()
+        rec["loss"] = opts.loss
         rec["teacher_force"] = {d.name: corpus_stats(d) for d in tr.sources}
     if opts.init_from is not None:
         rec["init_from"] = json.loads((Path(opts.init_from) / "config.json").read_text()).get("saguaro_distill")
@@ -325,7 +327,8 @@ def run_distill(opts: DistillOptions) -> dict:
     draft = make_draft(opts, target, tokenizer, state_dir)
     trainer_class = partial(FeatureTrainer, depth=opts.depth) if opts.teacher == "features" else Trainer
     trainer = trainer_class(draft, train_sources(opts, work), state_dir, opts.seed, lr=opts.lr,
-                            batch_size=opts.batch_size, bf16=opts.bf16)
+                            batch_size=opts.batch_size, bf16=opts.bf16,
+                            **({"loss": opts.loss} if opts.teacher == "forced" else {}))
     start_trainer(trainer, opts)
     evaluate_draft = draft_evaluator(opts, target, draft, evals)
     bar = tqdm(total=opts.tokens, initial=trainer.tokens_seen, unit="tok", desc="distill")

@@ -30,6 +30,9 @@ from saguaro.models.transformer import CausalLM
 log = logging.getLogger(__name__)
 
 
+LOSSES = ("tail", "topk")
+
+
 def target_to_draft_index(output_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """index[t] = row of target token t in the draft head, or -1 if the draft cannot emit t."""
     index = torch.full((vocab_size,), -1, dtype=torch.long)
@@ -153,9 +156,15 @@ def pack_rows(tokens: torch.Tensor, lengths: list[int], weight: torch.Tensor):
 
 class Trainer:
     def __init__(self, draft: CausalLM, data_dir: Path | dict[Path, float], state_dir: Path, seed: int,
-                 lr: float = 5e-4, batch_size: int = 8, max_len: int = 640, warmup: int = 100, bf16: bool = False):
+                 lr: float = 5e-4, batch_size: int = 8, max_len: int = 640, warmup: int = 100, bf16: bool = False,
+                 loss: str = "tail"):
         """data_dir: one shard directory, or several with the weight of each in the batches (their mix).
-        bf16: run forward and backward under bfloat16 autocast; weights, gradients and Adam stay float32."""
+        bf16: run forward and backward under bfloat16 autocast; weights, gradients and Adam stay float32.
+        loss, on teacher-forced data: "tail" (`tail_loss`) or "topk" (the generated shards' `distill_loss`
+        over the stored top-k, renormalised on the head, the tail left out)."""
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.loss = loss
         self.sources = dict(data_dir) if isinstance(data_dir, dict) else {data_dir: 1.0}
         self.draft, self.state_dir = draft, state_dir
         self.seed, self.lr, self.batch_size, self.max_len, self.warmup = seed, lr, batch_size, max_len, warmup
@@ -277,6 +286,9 @@ class Trainer:
         def forward(m):
             return m.forward_train(packed, tuple(lengths), wanted)
 
+        if self.forced and self.loss == "topk":
+            return weight, forward, lambda out: distill_loss(
+                out.float(), ids[labelled].clamp_min(0), probs[labelled].log(), weight[labelled], self.index)
         if self.forced:
             return weight, forward, lambda out: tail_loss(
                 out.float(), ids[labelled], probs[labelled], outside[labelled], weight[labelled], self.index)

@@ -199,6 +199,23 @@ def test_tail_loss_descent_reaches_the_teacher_buckets():
     assert torch.allclose(1 - got.sum(-1), p_rest, atol=0.02)  # the tail is kept, not piled onto the top-k
 
 
+def test_tv_loss_is_one_minus_the_bucketed_t1_acceptance():
+    """tv_loss = 1 - sum over buckets of min(p, q): zero at the teacher's buckets, the acceptance's complement
+    elsewhere (negative control: a draft off the teacher loses exactly what it does not accept)."""
+    from saguaro.distill.train import tv_loss
+
+    ids, probs, outside, weight, index = teacher_example()
+    assert tv_loss(matching_logits(ids, probs, outside, index), ids, probs, outside, weight, index).item() \
+        == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(1, 3, len(HEAD), generator=torch.Generator().manual_seed(2))
+    draft_ids, p_in, p_rest = teacher_buckets(ids, probs, outside, index)
+    q = torch.softmax(other, -1)
+    q_in = q.gather(-1, draft_ids.clamp_min(0)) * (draft_ids >= 0)
+    accepted = torch.minimum(p_in, q_in).sum(-1) + torch.minimum(p_rest, 1 - q_in.sum(-1))
+    assert tv_loss(other, ids, probs, outside, weight, index).item() == pytest.approx(1 - accepted.mean().item())
+    assert accepted.mean() < 0.9
+
+
 # --------------------------------------------------------------------------------------------- trainer
 def forced_trainer(tmp_path, weights: dict[str, float], loss: str = "tail") -> Trainer:
     target = tiny_model(0, VOCAB)

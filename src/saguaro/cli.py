@@ -407,9 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: branch off the run's saved state (into WORK/state-anneal; the run itself goes on "
                         "untouched), the learning rate falling linearly from --lr to zero over STEPS steps, then "
                         "stop and write --out")
-    d.add_argument("--loss", choices=["tail", "topk"], default="tail",
-                   help="training on teacher-forced data: the top-k plus the mass outside it (tail, default), or "
-                        "the top-k alone, renormalised on the draft's head (topk, as on generated shards)")
+    d.add_argument("--loss", choices=["tail", "topk", "tv"], default="tail",
+                   help="training on teacher-forced data: KL over the top-k plus the mass outside it (tail, "
+                        "default), the top-k alone renormalised on the draft's head (topk, as on generated "
+                        "shards), or total variation over the same buckets (tv: 1 - the T=1 acceptance)")
     d.add_argument("--max-epochs", type=float,
                    help="in this run, train on at most this many passes over the teacher data, then wait for more")
     d.set_defaults(func=cmd_distill)

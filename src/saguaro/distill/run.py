@@ -71,7 +71,7 @@ class DistillOptions:
     grow_from: list[int] | None = None  # with init_from: add one layer per target layer named, on top
     teacher_dtype: str = "float32"  # the teacher phases' target (teacher, teacher-force; bfloat16: ~1.6x faster)
     anneal: int | None = None  # train: branch off the run's state, lr falling to 0 over this many steps, then stop
-    loss: str = "tail"  # on teacher-forced data: "tail" (top-k plus the tail's mass) or "topk" (top-k only)
+    loss: str = "tail"  # on teacher-forced data: "tail" (KL, top-k plus tail), "topk" (top-k only) or "tv"
 
     def corpora(self) -> dict[str, float]:
         return self.corpus or dict(DEFAULT_CORPUS)

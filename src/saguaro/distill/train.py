@@ -30,7 +30,7 @@ from saguaro.models.transformer import CausalLM
 log = logging.getLogger(__name__)
 
 
-LOSSES = ("tail", "topk")
+LOSSES = ("tail", "topk", "tv")
 
 
 def target_to_draft_index(output_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -89,6 +89,20 @@ def tail_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Te
     logq_in = logq.gather(-1, draft_ids.clamp_min(0))
     per_pos = (torch.special.xlogy(p_in, p_in) - p_in * logq_in).sum(-1)
     per_pos = per_pos + torch.special.xlogy(p_rest, p_rest) - p_rest * logq_rest
+    per_pos = torch.where(weight > 0, per_pos, 0.0)
+    return (per_pos * weight).sum() / weight.sum().clamp_min(1)
+
+
+def tv_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor, outside: torch.Tensor,
+            weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Total variation between teacher and draft over the buckets of `teacher_buckets`, averaged over labelled
+    positions: 1 minus the acceptance of a drafted token at T = 1 as far as the buckets resolve it, so
+    minimising it raises what sampled speculation keeps (the KL losses raise it only on the way to a match)."""
+    draft_ids, p_in, p_rest = teacher_buckets(topk_ids, topk_probs, outside, index)
+    q = torch.softmax(logits.float(), -1)
+    q_in = torch.where(draft_ids >= 0, q.gather(-1, draft_ids.clamp_min(0)), 0.0)
+    q_rest = (1.0 - q_in.sum(-1)).clamp_min(0.0)
+    per_pos = 0.5 * ((p_in - q_in).abs().sum(-1) + (p_rest - q_rest).abs())
     per_pos = torch.where(weight > 0, per_pos, 0.0)
     return (per_pos * weight).sum() / weight.sum().clamp_min(1)
 
@@ -160,8 +174,8 @@ class Trainer:
                  loss: str = "tail"):
         """data_dir: one shard directory, or several with the weight of each in the batches (their mix).
         bf16: run forward and backward under bfloat16 autocast; weights, gradients and Adam stay float32.
-        loss, on teacher-forced data: "tail" (`tail_loss`) or "topk" (the generated shards' `distill_loss`
-        over the stored top-k, renormalised on the head, the tail left out)."""
+        loss, on teacher-forced data: "tail" (`tail_loss`), "topk" (the generated shards' `distill_loss`
+        over the stored top-k, renormalised on the head, the tail left out) or "tv" (`tv_loss`)."""
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.loss = loss
@@ -286,6 +300,9 @@ class Trainer:
         def forward(m):
             return m.forward_train(packed, tuple(lengths), wanted)
 
+        if self.forced and self.loss == "tv":
+            return weight, forward, lambda out: tv_loss(
+                out.float(), ids[labelled], probs[labelled], outside[labelled], weight[labelled], self.index)
         if self.forced and self.loss == "topk":
             return weight, forward, lambda out: distill_loss(
                 out.float(), ids[labelled].clamp_min(0), probs[labelled].log(), weight[labelled], self.index)

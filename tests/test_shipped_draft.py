@@ -19,7 +19,7 @@ PROMPTS = [
     "def is_palindrome(s: str) -> bool:\n    \"\"\"Return True if s reads the same backwards.\"\"\"\n",
     "Give me three tips for writing clear emails.",
 ]
-RECORDED_MIN = 0.3  # the recorded held-out eval is ~0.37 (HumanEval and ShareGPT)
+RECORDED_MIN = 0.4  # the recorded held-out eval is 0.414 / 0.419 (HumanEval / ShareGPT)
 MIN_AGREEMENT = 0.15  # measured 0.26 on these 4 prompts; an untrained 2-layer draft gives ~0.04, a broken export ~0
 
 
@@ -37,7 +37,8 @@ def test_draft_config_is_the_recorded_design():
     assert cfg["num_hidden_layers"] == 2 and cfg["hidden_size"] == 576
     assert cfg["saguaro_embeddings_from_target"] is True
     assert len(cfg["saguaro_output_token_ids"]) == 8192
-    assert cfg["saguaro_distill"]["eval"]["humaneval"]["agreement"] > RECORDED_MIN
+    for held_out in ("humaneval", "sharegpt"):
+        assert cfg["saguaro_distill"]["eval"][held_out]["agreement"] > RECORDED_MIN
     assert (DRAFT_DIR / "model.safetensors").stat().st_size < 40 * 2**20
 
 

@@ -19,7 +19,7 @@ PROMPTS = [
     "def is_palindrome(s: str) -> bool:\n    \"\"\"Return True if s reads the same backwards.\"\"\"\n",
     "Give me three tips for writing clear emails.",
 ]
-RECORDED_MIN = 0.4  # the recorded held-out eval is 0.414 / 0.419 (HumanEval / ShareGPT)
+RECORDED_MIN = 0.4  # the recorded held-out eval is 0.431 / 0.429 (HumanEval / ShareGPT)
 MIN_AGREEMENT = 0.15  # measured 0.26 on these 4 prompts; an untrained 2-layer draft gives ~0.04, a broken export ~0
 
 

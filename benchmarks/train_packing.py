@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from saguaro.distill.run import parse_corpus
-from saguaro.distill.train import Trainer, make_forced_batch, pack_rows, tail_loss
+from saguaro.distill.train import Trainer, make_forced_batch, pack_rows, row_lengths, tail_loss
 from saguaro.embedded import embedded_draft_path, embedded_target_path
 from saguaro.loader import load_model
 
@@ -56,7 +56,7 @@ def main() -> None:
         tr.step = step
         rows = tr.next_rows()
         tokens, ids, probs, outside, weight = make_forced_batch(tr._shards, tr._shard_files, rows, tr.max_len)
-        lengths = [min(int(tr._shards[s]["ends"][r]), tokens.shape[1]) for s, r in rows]
+        lengths = row_lengths(tr._shards, rows, tokens.shape[1])
         packed, wanted, sel = pack_rows(tokens, lengths, weight)
 
         def padded_step():

@@ -155,7 +155,11 @@ def test_t1_references_are_kept_and_reread_for_the_same_target_shard_and_head(tm
     again = run.t1_references(target, draft, shards, tmp_path)
     assert len(again["humaneval"]) == len(first["humaneval"]) == ROWS
     assert all(torch.equal(a, b) for a, b in zip(again["humaneval"], first["humaneval"]))
-    # negative control: another head is another reference, computed anew
+    # negative controls: another head, or a target differing only inside a layer, is computed anew
     other = tiny_model(3, VOCAB, output_token_ids=HEAD[:-1])
     with pytest.raises(AssertionError, match="recomputed"):
         run.t1_references(target, other, shards, tmp_path)
+    with torch.no_grad():
+        target.layers[1].mlp.down.weight.mul_(2)
+    with pytest.raises(AssertionError, match="recomputed"):
+        run.t1_references(target, draft, shards, tmp_path)

@@ -183,9 +183,9 @@ def t1_references(target, draft, shards: dict[str, dict], cache_dir: Path | None
     t0 = time.monotonic()
     refs = {}
     for name, shard in shards.items():
-        key = hashlib.blake2b(digest_size=8)
-        for tensor in (target.embed.weight, target.norm.weight, shard["tokens"], shard["ends"],
-                       shard["prompt_lengths"], draft.output_token_ids):
+        key = hashlib.blake2b(digest_size=8)  # every weight of the target (~0.5 s), the rows, the draft's head
+        for tensor in (*target.state_dict().values(), shard["tokens"], shard["ends"], shard["prompt_lengths"],
+                       draft.output_token_ids):
             if tensor is not None:
                 key.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
         path = cache_dir / f"eval-t1-{name}-{key.hexdigest()}.safetensors" if cache_dir else None
@@ -327,8 +327,7 @@ def run_distill(opts: DistillOptions) -> dict:
     draft = make_draft(opts, target, tokenizer, state_dir)
     trainer_class = partial(FeatureTrainer, depth=opts.depth) if opts.teacher == "features" else Trainer
     trainer = trainer_class(draft, train_sources(opts, work), state_dir, opts.seed, lr=opts.lr,
-                            batch_size=opts.batch_size, bf16=opts.bf16,
-                            **({"loss": opts.loss} if opts.teacher == "forced" else {}))
+                            batch_size=opts.batch_size, bf16=opts.bf16, loss=opts.loss)
     start_trainer(trainer, opts)
     evaluate_draft = draft_evaluator(opts, target, draft, evals)
     bar = tqdm(total=opts.tokens, initial=trainer.tokens_seen, unit="tok", desc="distill")

@@ -30,9 +30,6 @@ from saguaro.models.transformer import CausalLM
 log = logging.getLogger(__name__)
 
 
-LOSSES = ("tail", "topk", "tv")
-
-
 def target_to_draft_index(output_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """index[t] = row of target token t in the draft head, or -1 if the draft cannot emit t."""
     index = torch.full((vocab_size,), -1, dtype=torch.long)
@@ -107,6 +104,17 @@ def tv_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tens
     return (per_pos * weight).sum() / weight.sum().clamp_min(1)
 
 
+def topk_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor, outside: torch.Tensor,
+              weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`distill_loss` (the generated shards' loss) over teacher-forced labels: the stored top-k renormalised
+    on the head, the outside mass left out. Padding ids (-1) have probability 0, so they weigh nothing."""
+    return distill_loss(logits, topk_ids.clamp_min(0), topk_probs.log(), weight, index)
+
+
+# the losses a run on teacher-forced shards may take (`--loss`), all of (logits, ids, probs, outside, weight, index)
+FORCED_LOSSES = {"tail": tail_loss, "topk": topk_loss, "tv": tv_loss}
+
+
 def make_batch(shards: list[dict[str, torch.Tensor]], rows: list[tuple[int, int]], max_len: int):
     """Right-padded tokens plus per-position teacher targets and loss weights for some shard rows."""
     width = min(max_len, max(int(shards[s]["ends"][r]) for s, r in rows))
@@ -156,6 +164,11 @@ def make_forced_batch(shards: list[dict[str, torch.Tensor]], files: list[Path], 
     return tokens, ids, probs, outside, weight
 
 
+def row_lengths(shards: list[dict[str, torch.Tensor]], rows: list[tuple[int, int]], width: int) -> list[int]:
+    """Real tokens of each row in a batch padded (or cut) to `width`, as `make_batch` lays them out."""
+    return [min(int(shards[s]["ends"][r]), width) for s, r in rows]
+
+
 def pack_rows(tokens: torch.Tensor, lengths: list[int], weight: torch.Tensor):
     """A right-padded batch (tokens [n, width], row i real up to lengths[i], labels where weight > 0) as one
     packed row: (tokens [1, sum(lengths)], packed index of each labelled position [M], the [n, width] bool
@@ -174,10 +187,9 @@ class Trainer:
                  loss: str = "tail"):
         """data_dir: one shard directory, or several with the weight of each in the batches (their mix).
         bf16: run forward and backward under bfloat16 autocast; weights, gradients and Adam stay float32.
-        loss, on teacher-forced data: "tail" (`tail_loss`), "topk" (the generated shards' `distill_loss`
-        over the stored top-k, renormalised on the head, the tail left out) or "tv" (`tv_loss`)."""
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        loss: which of `FORCED_LOSSES` trains on teacher-forced data (generated shards take `distill_loss`)."""
+        if loss not in FORCED_LOSSES:
+            raise ValueError(f"loss must be one of {tuple(FORCED_LOSSES)}, got {loss!r}")
         self.loss = loss
         self.sources = dict(data_dir) if isinstance(data_dir, dict) else {data_dir: 1.0}
         self.draft, self.state_dir = draft, state_dir
@@ -294,20 +306,15 @@ class Trainer:
                                                                     self.max_len)
         else:
             tokens, ids, logits, weight = make_batch(self._shards, rows, self.max_len)
-        lengths = [min(int(self._shards[s]["ends"][r]), tokens.shape[1]) for s, r in rows]
+        lengths = row_lengths(self._shards, rows, tokens.shape[1])
         packed, wanted, labelled = pack_rows(tokens, lengths, weight)
 
         def forward(m):
             return m.forward_train(packed, tuple(lengths), wanted)
 
-        if self.forced and self.loss == "tv":
-            return weight, forward, lambda out: tv_loss(
-                out.float(), ids[labelled], probs[labelled], outside[labelled], weight[labelled], self.index)
-        if self.forced and self.loss == "topk":
-            return weight, forward, lambda out: distill_loss(
-                out.float(), ids[labelled].clamp_min(0), probs[labelled].log(), weight[labelled], self.index)
         if self.forced:
-            return weight, forward, lambda out: tail_loss(
+            loss = FORCED_LOSSES[self.loss]
+            return weight, forward, lambda out: loss(
                 out.float(), ids[labelled], probs[labelled], outside[labelled], weight[labelled], self.index)
         return weight, forward, lambda out: distill_loss(
             out.float(), ids[labelled], logits[labelled], weight[labelled], self.index)
